@@ -1,0 +1,103 @@
+"""Integer program -> Relax module: one `call_tir` per integer kernel, weights as parameters.
+
+The module's `main(input_ids, attention_mask, token_type_ids, *params)` takes int32 [B, S]
+inputs and returns a tuple of integer outputs in `IntProgram.outputs` order. Parameters (INT8
+weights, INT32 biases, dyadic multipliers) are listed with their names for the artifact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import relax
+
+from relay_ops.attention import context_kernel, scores_kernel, softmax_kernel
+from relay_ops.common import Kernel
+from relay_ops.embedding import embedding_kernel
+from relay_ops.layernorm import layer_norm_kernel
+from relay_ops.linear import gelu_epilogue, linear_kernel, raw_epilogue, requant_epilogue, residual_epilogue, tanh_epilogue
+
+from .program import IntProgram
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class Graph:
+    module: "relax.IRModule"  # noqa: F821
+    params: list[tuple[str, np.ndarray]]
+
+
+class _Emitter:
+    def __init__(self, bb: relax.BlockBuilder):
+        self.bb = bb
+        self.params: list[tuple[str, np.ndarray]] = []
+        self.param_vars: list[relax.Var] = []
+
+    def call(self, k: Kernel, *args: relax.Expr) -> relax.Var:
+        gv = self.bb.add_func(k.func, k.name)
+        consts = []
+        for i, arr in enumerate(k.consts):
+            name = f"{k.name}.{i}"
+            v = relax.Var(name, relax.TensorType(arr.shape, str(arr.dtype)))
+            self.params.append((name, arr))
+            self.param_vars.append(v)
+            consts.append(v)
+        return self.bb.emit(relax.call_tir(gv, [*args, *consts], relax.TensorType(k.out_shape, k.out_dtype)))
+
+
+def build_graph(p: IntProgram, batch: int, seq: int) -> Graph:
+    if seq > p.max_positions - p.pad_id - 1:
+        raise ValueError(f"seq_len {seq} exceeds the model's {p.max_positions - p.pad_id - 1} positions")
+    h, heads, rows = p.hidden, p.heads, batch * seq
+    d = h // heads
+    bb = relax.BlockBuilder()
+    ins = [relax.Var(n, relax.TensorType((batch, seq), "int32")) for n in INPUTS]
+    ids, mask, types = ins
+    em = _Emitter(bb)
+    # Parameters are only known once the body is emitted: build the body in a dataflow block of a
+    # function whose parameter list is completed afterwards.
+    with bb.function("main"):
+        with bb.dataflow():
+            x16 = em.call(embedding_kernel("embed", p.embeddings, p.pad_id, batch, seq), ids, types)
+            x = em.call(layer_norm_kernel("embed_ln", p.embeddings.ln, rows, h), x16)
+            for i, L in enumerate(p.layers):
+                n = f"l{i}_"
+                qkv = em.call(linear_kernel(n + "qkv", L.qkv, rows, requant_epilogue([L.qkv_out]), "int8"), x)
+                scores = em.call(scores_kernel(n + "scores", batch, seq, h, heads), qkv)
+                probs = em.call(softmax_kernel(n + "softmax", L.softmax, batch, heads, seq), scores, mask)
+                ctx = em.call(context_kernel(n + "context", L, batch, seq, h, heads), probs, qkv)
+                attn = em.call(
+                    linear_kernel(
+                        n + "attn_out", L.attn_dense, rows, residual_epilogue(L.attn_acc, L.attn_res), "int32",
+                        extra_inputs=(((rows, h), "int8"),), x_shape=(batch, heads, seq, d),
+                        read=lambda t, r, k: t[r // seq, k // d, r % seq, k % d],
+                    ),
+                    ctx, x,
+                )
+                hmid = em.call(layer_norm_kernel(n + "attn_ln", L.attn_ln, rows, h), attn)
+                inter = em.call(linear_kernel(n + "inter", L.inter, rows, gelu_epilogue(L.gelu), "int8"), hmid)
+                res = em.call(
+                    linear_kernel(
+                        n + "ffn_out", L.out_dense, rows, residual_epilogue(L.out_acc, L.out_res), "int32",
+                        extra_inputs=(((rows, h), "int8"),),
+                    ),
+                    inter, hmid,
+                )
+                x = em.call(layer_norm_kernel(n + "ffn_ln", L.out_ln, rows, h), res)
+            hidden = bb.emit(relax.op.reshape(x, (batch, seq, h)))
+            outs = []
+            cls = dict(x_shape=(batch, seq, h), read=lambda t, r, k: t[r, 0, k])
+            if p.classifier is not None:
+                c = p.classifier
+                t = em.call(linear_kernel("cls_dense", c.dense, batch, tanh_epilogue(c.tanh), "int8", **cls), hidden)
+                outs.append(em.call(linear_kernel("cls_out", c.out_proj, batch, raw_epilogue(), "int32"), t))
+            else:
+                outs.append(hidden)
+                if p.pooler is not None:
+                    pl = p.pooler
+                    outs.append(em.call(linear_kernel("pooler", pl.dense, batch, tanh_epilogue(pl.tanh), "int8", **cls), hidden))
+            result = bb.emit_output(relax.Tuple(outs))
+        bb.emit_func_output(result, params=[*ins, *em.param_vars])
+    return Graph(bb.get(), em.params)

@@ -1,0 +1,233 @@
+"""PyTorch I-BERT -> integer program: one converter per transformers module type.
+
+Scales are computed with HF's own quantization functions (so weights, biases and activation
+scales are exactly HF's), then every float ratio between scales becomes a dyadic `Requant` and
+every nonlinear constant an integer. Nothing float survives into the program but output scales.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.models.ibert import modeling_ibert as hf
+from transformers.models.ibert import quant_modules as qm
+
+from .program import (
+    INT8,
+    INT16,
+    Embeddings,
+    Gelu,
+    Head,
+    IExp,
+    IntProgram,
+    Layer,
+    LayerNorm,
+    Linear,
+    Softmax,
+    Tanh,
+    dyadic,
+)
+
+# i-exp and i-GELU constants, as in HF's IntSoftmax / IntGELU.
+EXP_X0 = -0.6931
+EXP_COEF = (0.35815147, 0.96963238 / 0.35815147, 1.0 / 0.35815147)
+EXP_CONST = 30
+GELU_K = 1.4142
+GELU_COEF = (-0.2888, -1.769, 1.0 / -0.2888)
+
+
+class NotCalibratedError(ValueError):
+    pass
+
+
+def act_scale(act: qm.QuantAct) -> float:
+    """HF's activation scale from the calibrated range (float32, as HF computes it)."""
+    lim = max(abs(act.x_min.item()), abs(act.x_max.item()))
+    if lim <= 1.1e-5:
+        raise NotCalibratedError(
+            "the model's activation ranges are not calibrated: pass calibration text "
+            "(ibert_tvm.calibrate or --calib-texts)"
+        )
+    s = qm.symmetric_linear_quantization_params(act.activation_bit, act.x_min, act.x_max)
+    return float(s.view(-1)[0])
+
+
+def f32(x: Any) -> np.ndarray:
+    return np.asarray(torch.as_tensor(x, dtype=torch.float32).detach().cpu().numpy(), np.float64)
+
+
+def quantize_linear(dense: nn.Module, in_scale: float) -> tuple[Linear, np.ndarray]:
+    """HF QuantLinear's per-channel weight and 32-bit bias quantization; returns the acc scale."""
+    w = dense.weight.detach().float()
+    sw = qm.symmetric_linear_quantization_params(8, w.min(dim=1).values, w.max(dim=1).values, True)
+    w_int = qm.SymmetricQuantFunction.apply(w, 8, False, sw)
+    s_acc = sw * torch.tensor([in_scale], dtype=torch.float32)
+    bias = dense.bias.detach().float() if dense.bias is not None else torch.zeros(w.shape[0])
+    b_int = qm.SymmetricQuantFunction.apply(bias, 32, False, s_acc)
+    lin = Linear(weight=w_int.numpy().astype(np.int8), bias=b_int.numpy().astype(np.int32))
+    return lin, f32(s_acc)
+
+
+def iexp(scale: float, out_scale: float, clamp: tuple[int, int]) -> IExp:
+    """i-exp constants for inputs at `scale`, requantized to `out_scale`."""
+    x0 = math.floor(EXP_X0 / scale)
+    b = math.floor(EXP_COEF[1] / scale)
+    c = math.floor(EXP_COEF[2] / scale**2)
+    out = dyadic(EXP_COEF[0] * scale**2 / out_scale, in_bound=c, clamp=clamp)
+    return IExp(x0=x0, b=b, c=c, out=out)
+
+
+def tanh_of(acc_scale: np.ndarray, acc_bound: int) -> Tanh:
+    lim = Tanh.LIMIT << Tanh.FRAC
+    to_fixed = dyadic(acc_scale * 2.0**Tanh.FRAC, acc_bound, clamp=(-lim, lim))
+    exp = iexp(2.0**-Tanh.FRAC, 2.0**-Tanh.EXP_FRAC, clamp=(0, 1 << Tanh.EXP_FRAC))
+    return Tanh(to_fixed=to_fixed, exp=exp)
+
+
+def layer_norm(ln: qm.IntLayerNorm, out_scales: list[float]) -> LayerNorm:
+    """i-LayerNorm; `out_scales` are the QuantActs that follow, the first one per channel."""
+    c = ln.normalized_shape if isinstance(ln.normalized_shape, int) else ln.normalized_shape[0]
+    s = float(torch.sqrt(torch.tensor(float(c))) / 2**30)
+    gamma = f32(ln.weight)
+    if (gamma == 0).any():
+        raise ValueError("a LayerNorm weight is exactly 0: I-BERT folds beta/gamma, cannot map it")
+    bias = np.floor(f32(ln.bias) / gamma / s).astype(np.int64)
+    bound = LayerNorm.out_bound(c) + int(np.abs(bias).max(initial=0))
+    chain = [dyadic(s * gamma / out_scales[0], bound, clamp=INT8)]
+    chain += [dyadic(a / b, 128, clamp=INT8) for a, b in zip(out_scales, out_scales[1:])]
+    return LayerNorm(shift=int(ln.shift.item()), bias=bias, out=chain)
+
+
+def convert_embeddings(m: hf.IBertEmbeddings) -> tuple[Embeddings, float]:
+    def table(e: qm.QuantEmbedding) -> tuple[np.ndarray, float]:
+        w = e.weight.detach().float()
+        s = qm.symmetric_linear_quantization_params(8, w.min().expand(1), w.max().expand(1))
+        return qm.SymmetricQuantFunction.apply(w, 8, False, s).numpy().astype(np.int8), float(s)
+
+    word, s_w = table(m.word_embeddings)
+    pos, s_p = table(m.position_embeddings)
+    typ, s_t = table(m.token_type_embeddings)
+    s_e = act_scale(m.embeddings_act1)
+    s_out = act_scale(m.output_activation)
+    emb = Embeddings(
+        word=word,
+        position=pos,
+        token_type=typ,
+        word_rq=dyadic(s_w / s_e, 128),
+        type_rq=dyadic(s_t / s_e, 128),
+        sum_rq=dyadic(s_e / s_e, 1 << 15),
+        pos_rq=dyadic(s_p / s_e, 128),
+        ln=layer_norm(m.LayerNorm, [s_out]),
+    )
+    return emb, s_out
+
+
+def convert_layer(m: hf.IBertLayer, s_in: float) -> tuple[Layer, float]:
+    att, so = m.attention.self, m.attention.output
+    d = att.attention_head_size
+    lins = [quantize_linear(x, s_in) for x in (att.query, att.key, att.value)]
+    qkv = Linear(
+        weight=np.concatenate([lin.weight for lin, _ in lins]),
+        bias=np.concatenate([lin.bias for lin, _ in lins]),
+    )
+    s_q, s_k, s_v = (act_scale(a) for a in (att.query_activation, att.key_activation, att.value_activation))
+    ratios = np.concatenate([sa / s for (_, sa), s in zip(lins, (s_q, s_k, s_v))])
+    s_scores = float(torch.tensor([s_q], dtype=torch.float32) * s_k / math.sqrt(d))
+    s_ctx = act_scale(att.output_activation)
+    softmax = Softmax(exp=iexp(s_scores, act_scale(att.softmax.act), clamp=INT16))
+    # Probabilities sum to at most 256 (scale 1/256), so |P @ V| <= 256 * 128.
+    ctx_out = dyadic(s_v / 256 / s_ctx, 256 * 128, clamp=INT8)
+
+    attn_dense, s_ad = quantize_linear(so.dense, s_ctx)
+    s_22a = act_scale(so.ln_input_act)
+    s_ao, s_pi = act_scale(so.output_activation), act_scale(m.pre_intermediate_act)
+
+    inter, s_i = quantize_linear(m.intermediate.dense, s_pi)
+    sp = s_i / GELU_K
+    b = np.floor(GELU_COEF[1] / sp).astype(np.int64)
+    c = np.floor(GELU_COEF[2] / sp**2).astype(np.int64)
+    s_erf = sp**2 * GELU_COEF[0] * 2.0**Gelu.ERF_SHIFT
+    one = np.floor(1.0 / s_erf).astype(np.int64)
+    erf_bound = int(((b.astype(object) ** 2 + np.abs(c)) >> Gelu.ERF_SHIFT).max()) + 1
+    g_bound = inter.acc_bound * (erf_bound + int(np.abs(one).max()))
+    s_io, s_po = act_scale(m.intermediate.output_activation), act_scale(m.pre_output_act)
+    gelu = Gelu(
+        b=b,
+        c=c,
+        one=one,
+        out=[dyadic(s_i * s_erf / 2 / s_io, g_bound, clamp=INT8), dyadic(s_io / s_po, 128, clamp=INT8)],
+    )
+
+    out_dense, s_od = quantize_linear(m.output.dense, s_po)
+    s_22b = act_scale(m.output.ln_input_act)
+    s_out = act_scale(m.output.output_activation)
+    layer = Layer(
+        qkv=qkv,
+        qkv_out=dyadic(ratios, qkv.acc_bound, clamp=INT8),
+        softmax=softmax,
+        ctx_out=ctx_out,
+        attn_dense=attn_dense,
+        attn_acc=dyadic(s_ad / s_22a, attn_dense.acc_bound),
+        attn_res=dyadic(s_in / s_22a, 128),
+        attn_ln=layer_norm(so.LayerNorm, [s_ao, s_pi]),
+        inter=inter,
+        gelu=gelu,
+        out_dense=out_dense,
+        out_acc=dyadic(s_od / s_22b, out_dense.acc_bound),
+        out_res=dyadic(s_pi / s_22b, 128),
+        out_ln=layer_norm(m.output.LayerNorm, [s_out]),
+    )
+    return layer, s_out
+
+
+def convert_head(dense: nn.Linear, out_proj: nn.Linear | None, s_in: float) -> tuple[Head, np.ndarray | None]:
+    lin, s_acc = quantize_linear(dense, s_in)
+    head = Head(dense=lin, tanh=tanh_of(s_acc, lin.acc_bound))
+    if out_proj is None:
+        return head, None
+    head.out_proj, s_logit = quantize_linear(out_proj, 1.0 / Tanh.OUT_SCALE)
+    return head, s_logit
+
+
+CONVERTERS: dict[type, Callable[..., Any]] = {
+    hf.IBertEmbeddings: convert_embeddings,
+    hf.IBertLayer: convert_layer,
+}
+
+
+def convert(model: nn.Module) -> IntProgram:
+    """Extract the integer program of an `IBertModel` or `IBertForSequenceClassification`."""
+    kinds = {hf.IBertModel: "IBertModel", hf.IBertForSequenceClassification: "IBertForSequenceClassification"}
+    kind = kinds.get(type(model))
+    if kind is None:
+        raise TypeError(f"cannot compile {type(model).__name__}: supported are {', '.join(kinds.values())}")
+    base = model if kind == "IBertModel" else model.ibert
+    cfg = model.config
+    emb, scale = CONVERTERS[hf.IBertEmbeddings](base.embeddings)
+    layers = []
+    for layer in base.encoder.layer:
+        converted, scale = CONVERTERS[hf.IBertLayer](layer, scale)
+        layers.append(converted)
+    prog = IntProgram(
+        model_class=kind,
+        hidden=cfg.hidden_size,
+        heads=cfg.num_attention_heads,
+        vocab=cfg.vocab_size,
+        pad_id=cfg.pad_token_id,
+        max_positions=cfg.max_position_embeddings,
+        embeddings=emb,
+        layers=layers,
+        hidden_scale=scale,
+    )
+    if kind == "IBertModel" and base.pooler is not None:
+        prog.pooler, _ = convert_head(base.pooler.dense, None, scale)
+    if kind == "IBertForSequenceClassification":
+        head = model.classifier
+        prog.classifier, prog.logit_scale = convert_head(head.dense, head.out_proj, scale)
+        prog.label_names = [cfg.id2label[i] for i in range(cfg.num_labels)]
+    return prog

@@ -1,0 +1,219 @@
+"""The integer program: every tensor and constant of an I-BERT forward pass, as integers.
+
+This is the hand-off point of the pipeline. The importer fills it from a PyTorch model; the NumPy
+reference (`reference.py`) and the Relax builder (`graph.py`) both read it. Nothing here is float
+except the output scales, which only the runner's last step uses to turn integers into floats.
+
+Rounding rule, used by every requantization here and in the kernels: ``(x * m + 2**(e-1)) >> e``
+(round half up, arithmetic shift), then clamp. HF rounds half to even in float64; the two differ
+only on exact ties.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+INT8 = (-128, 127)
+INT16 = (-32768, 32767)
+INT22 = (-(2**21), 2**21 - 1)
+# Products fed to a requantization stay below 2**62 so that adding the rounding term cannot
+# overflow int64; the mantissa width of each requantization is chosen from its input bound.
+PRODUCT_BITS = 62
+
+
+@dataclass
+class Requant:
+    """``clamp((x * m + 2**(e-1)) >> e, lo, hi)``; m, e scalar or per output channel."""
+
+    m: np.ndarray  # int64
+    e: np.ndarray  # int64, every entry in [1, 62]
+    lo: int | None = None
+    hi: int | None = None
+
+    @property
+    def per_channel(self) -> bool:
+        return self.m.ndim == 1
+
+
+def dyadic(ratio: Any, in_bound: int, clamp: tuple[int, int] | None = None) -> Requant:
+    """Approximate ``x * ratio`` by ``x * m >> e`` for |x| <= in_bound, without int64 overflow.
+
+    ``ratio`` may be signed (i-GELU's scale is negative). The mantissa keeps as many bits as the
+    input bound allows, at most 31 as in HF's ``batch_frexp``.
+    """
+    r = np.asarray(ratio, dtype=np.float64)
+    bits = min(31, PRODUCT_BITS - 1 - max(1, int(in_bound)).bit_length())
+    if bits < 8:
+        raise ValueError(f"requantization input bound {in_bound} leaves only {bits} mantissa bits")
+    mant, exp = np.frexp(np.abs(r))
+    m = np.floor(mant * 2.0**bits + 0.5).astype(np.int64)
+    e = (bits - exp).astype(np.int64)
+    # A ratio too small for 62 bits of shift rounds every input to zero; one too large is a bug.
+    tiny = e > PRODUCT_BITS
+    m = np.where(tiny, 0, m)
+    e = np.where(tiny, 1, e)
+    if (e < 1).any():
+        raise ValueError(f"requantization ratio {r.max()} too large for a right shift")
+    m = np.where(r < 0, -m, m)
+    lo, hi = clamp if clamp else (None, None)
+    return Requant(m=m.astype(np.int64), e=e.astype(np.int64), lo=lo, hi=hi)
+
+
+@dataclass
+class Linear:
+    """INT8 weight [out, in] (HF's clamp to [-127, 126]) and INT32 bias at scale S_in * S_w."""
+
+    weight: np.ndarray  # int8 [N, K]
+    bias: np.ndarray  # int32 [N]
+
+    @property
+    def acc_bound(self) -> int:
+        """Largest |x @ W.T + b| for int8 x."""
+        k = self.weight.shape[1]
+        return k * 128 * 127 + int(np.abs(self.bias.astype(np.int64)).max(initial=0))
+
+
+@dataclass
+class LayerNorm:
+    """i-LayerNorm: mean, integer Newton sqrt, 2**31/std factor, bias folded, requant chain."""
+
+    shift: int
+    bias: np.ndarray  # int64 [C]: floor((beta / gamma) / S) with S = sqrt(C) / 2**30
+    out: list[Requant]  # first per channel (scale S * gamma), then any further QuantActs
+
+    @staticmethod
+    def out_bound(channels: int) -> int:
+        """|y * factor / 2| stays below this; the kernels saturate there."""
+        return (math.isqrt(channels) + 2) << 30
+
+
+@dataclass
+class IExp:
+    """i-exp on x <= 0 at scale S: x0 = floor(-ln2/S), poly (r+b)*r + c, then `out` dyadic.
+
+    The exponential's scale (a * S**2 / 2**q) is folded with the output scale into one
+    requantization whose shift grows by q, so no 2**30 multiply (int64 overflow) is needed.
+    """
+
+    x0: int
+    b: int
+    c: int
+    out: Requant  # scalar m, e; the effective shift is e + q
+
+
+@dataclass
+class Softmax:
+    exp: IExp  # output clamp 16 bits, HF's inner QuantAct(16)
+    out_bits: int = 8  # probabilities are unsigned 8-bit, scale 1/256, clamped to 255
+
+
+@dataclass
+class Gelu:
+    """i-GELU per output channel of the GEMM it follows (the accumulator's scale is per channel)."""
+
+    b: np.ndarray  # int64 [C]
+    c: np.ndarray  # int64 [C]
+    one: np.ndarray  # int64 [C]: floor(1 / S_erf)
+    out: list[Requant]  # intermediate.output_activation, then layer.pre_output_act
+
+    ERF_SHIFT = 14  # HF's const: erf's square is shifted right 14 bits to stay small
+
+
+@dataclass
+class Tanh:
+    """Integer tanh via i-exp: acc -> fixed point Q(FRAC) -> exp(-2|x|) in Q15 -> int8 / 127."""
+
+    to_fixed: Requant  # per channel, accumulator -> Q(FRAC), clamped to +-LIMIT
+    exp: IExp
+    FRAC = 12
+    LIMIT = 10  # tanh(10) == 1 to far below int8 resolution
+    EXP_FRAC = 15
+    OUT_SCALE = 127
+
+
+@dataclass
+class Layer:
+    qkv: Linear  # query, key, value weights stacked [3H, H]
+    qkv_out: Requant  # per channel -> int8 (query/key/value activations)
+    softmax: Softmax
+    ctx_out: Requant  # (1/256 * S_v) -> int8, attention output_activation
+    attn_dense: Linear
+    attn_acc: Requant  # per channel -> LN input scale (22 bit, no clamp; clamp after the sum)
+    attn_res: Requant  # residual (layer input) -> LN input scale
+    attn_ln: LayerNorm  # out: [-> int8 output_activation, -> int8 pre_intermediate_act]
+    inter: Linear
+    gelu: Gelu
+    out_dense: Linear
+    out_acc: Requant
+    out_res: Requant
+    out_ln: LayerNorm  # out: [-> int8 output_activation]
+
+
+@dataclass
+class Embeddings:
+    word: np.ndarray  # int8 [V, H]
+    position: np.ndarray  # int8 [P, H]
+    token_type: np.ndarray  # int8 [T, H]
+    word_rq: Requant  # -> 16-bit scale of embeddings_act1
+    type_rq: Requant
+    sum_rq: Requant  # the 16-bit sum re-enters the same QuantAct (identity or close to it)
+    pos_rq: Requant
+    ln: LayerNorm
+
+
+@dataclass
+class Head:
+    """dense -> tanh (int8, scale 1/127) [-> out_proj: int32 logits, per-class scale]."""
+
+    dense: Linear
+    tanh: Tanh
+    out_proj: Linear | None = None
+
+
+@dataclass
+class IntProgram:
+    model_class: str
+    hidden: int
+    heads: int
+    vocab: int
+    pad_id: int
+    max_positions: int
+    embeddings: Embeddings
+    layers: list[Layer]
+    pooler: Head | None = None
+    classifier: Head | None = None
+    hidden_scale: float = 1.0  # last_hidden_state int8 -> float
+    logit_scale: np.ndarray | None = None  # float64 [num_labels]
+    label_names: list[str] = field(default_factory=list)
+
+    @property
+    def outputs(self) -> list[str]:
+        """Output names, in the order the compiled function returns them (transformers' names)."""
+        if self.classifier is not None:
+            return ["logits"]
+        return ["last_hidden_state"] + (["pooler_output"] if self.pooler is not None else [])
+
+    def output_scales(self) -> dict[str, list[float]]:
+        scales = {"last_hidden_state": [self.hidden_scale], "pooler_output": [1 / Tanh.OUT_SCALE]}
+        if self.logit_scale is not None:
+            scales["logits"] = [float(s) for s in self.logit_scale]
+        return {k: scales[k] for k in self.outputs}
+
+
+def iter_arrays(obj: Any, prefix: str = "") -> list[tuple[str, np.ndarray]]:
+    """Every array of the program with a dotted name: used for hashing and the float-free check."""
+    out: list[tuple[str, np.ndarray]] = []
+    if isinstance(obj, np.ndarray):
+        out.append((prefix, obj))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += iter_arrays(v, f"{prefix}.{i}")
+    elif is_dataclass(obj):
+        for f in fields(obj):
+            out += iter_arrays(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    return out

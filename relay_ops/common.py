@@ -1,0 +1,107 @@
+"""Integer building blocks shared by the kernels: dyadic requantization, i-exp, Newton sqrt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from tvm import te, tirx
+
+from ibert_tvm.program import IExp, Requant
+
+I64 = "int64"
+
+
+def c64(v: int) -> tvm.ir.expr.Expr:
+    return tirx.const(int(v), I64)
+
+
+@dataclass
+class Kernel:
+    """A PrimFunc plus the constant arrays (weights, multipliers) it takes after its inputs."""
+
+    name: str
+    func: tirx.PrimFunc
+    consts: list[np.ndarray]
+    out_shape: tuple[int, ...]
+    out_dtype: str
+
+
+@dataclass
+class Consts:
+    """Collects a kernel's constant operands as placeholders, remembering their values."""
+
+    prefix: str
+    tensors: list[te.Tensor] = field(default_factory=list)
+    arrays: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, arr: np.ndarray, name: str) -> te.Tensor:
+        t = te.placeholder(arr.shape, str(arr.dtype), name=f"{self.prefix}_{name}_{len(self.tensors)}")
+        self.tensors.append(t)
+        self.arrays.append(arr)
+        return t
+
+
+def make_kernel(name: str, kind: str, inputs: list[te.Tensor], out: te.Tensor, consts: Consts) -> Kernel:
+    func = te.create_prim_func([*inputs, *consts.tensors, out])
+    func = func.with_attr({"global_symbol": name, "ibert.kind": kind})
+    return Kernel(name, func, consts.arrays, tuple(int(s) for s in out.shape), out.dtype)
+
+
+def clamp(x: tvm.ir.expr.Expr, lo: int | None, hi: int | None) -> tvm.ir.expr.Expr:
+    if lo is None:
+        return x
+    return tirx.max(tirx.min(x, c64(hi)), c64(lo))
+
+
+def rshift_round(x: tvm.ir.expr.Expr, e: tvm.ir.expr.Expr) -> tvm.ir.expr.Expr:
+    return (x + (c64(1) << (e - c64(1)))) >> e
+
+
+def requant(x: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.expr.Expr | None = None) -> tvm.ir.expr.Expr:
+    """``clamp((x * m + 2**(e-1)) >> e)``, with m, e immediates or per-channel constant tensors."""
+    x = x.astype(I64)
+    if rq.per_channel:
+        m, e = consts.add(rq.m, "m")[ch], consts.add(rq.e, "e")[ch]
+    else:
+        m, e = c64(rq.m), c64(rq.e)
+    return clamp(rshift_round(x * m, e), rq.lo, rq.hi)
+
+
+def chain(x: tvm.ir.expr.Expr, rqs: list[Requant], consts: Consts, ch: tvm.ir.expr.Expr) -> tvm.ir.expr.Expr:
+    for rq in rqs:
+        x = requant(x, rq, consts, ch)
+    return x
+
+
+def iexp(x: tvm.ir.expr.Expr, ie: IExp) -> tvm.ir.expr.Expr:
+    """i-exp of x <= 0 requantized by ie.out; the shift grows by q and past 62 bits gives 0."""
+    x = tirx.max(x.astype(I64), c64(30 * ie.x0))
+    q = tirx.floordiv(x, c64(ie.x0))
+    r = x - c64(ie.x0) * q
+    z = (r + c64(ie.b)) * r + c64(ie.c)
+    shift = c64(ie.out.e) + q
+    y = rshift_round(z * c64(ie.out.m), tirx.min(shift, c64(62)))
+    return clamp(tirx.Select(shift > c64(62), c64(0), y), ie.out.lo, ie.out.hi)
+
+
+NEWTON_STEPS = 7  # from 2**ceil(bits/2) >= sqrt(n), enough for every n < 2**62 (tested)
+
+
+def isqrt_stages(n: te.Tensor, name: str) -> te.Tensor:
+    """floor(sqrt(n)) for a 1-D int64 tensor by integer Newton steps, one small stage each."""
+    # n == 0 is computed as n == 1 (no division by zero) and fixed up at the end.
+    def start(i):
+        v = tirx.max(n[i], c64(1))
+        bits = c64(64) - tirx.clz(v).astype(I64)
+        return c64(1) << ((bits + c64(1)) >> c64(1))
+
+    def newton(prev: te.Tensor, step: int) -> te.Tensor:
+        def f(i):
+            return tirx.min(prev[i], (prev[i] + tirx.floordiv(tirx.max(n[i], c64(1)), prev[i])) >> c64(1))
+        return te.compute(n.shape, f, name=f"{name}_x{step}")
+
+    x = te.compute(n.shape, start, name=f"{name}_x0")
+    for step in range(1, NEWTON_STEPS + 1):
+        x = newton(x, step)
+    return te.compute(n.shape, lambda i: tirx.Select(n[i] == c64(0), c64(0), x[i]), name=f"{name}_sqrt")

@@ -1,0 +1,73 @@
+"""INT8 x INT8 -> INT32 matrix products with a fused integer epilogue.
+
+Layout, chosen for x86 VNNI (`vpdpbusd` multiplies u8 by s8) and usable by any schedule:
+- A, the activation, is staged as u8 = int8 + 128 (block "A_u8"), which also lets the stage
+  re-index its source (take the CLS row, merge heads) for free;
+- B, the weight, is packed [N/16, K/4, 16, 4] (block "B_pack" when packed at run time);
+- the +128 is undone by subtracting 128 * sum_k B[n, k], folded into the bias for constant
+  weights and computed per column for run-time operands (attention);
+- the accumulator (block "C") feeds the epilogue (block "O") tile by tile.
+Shapes whose N is not a multiple of 16 or K not a multiple of 4 use B unpacked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import tvm.ir.expr
+from tvm import te, tirx
+
+LANES, GROUP = 16, 4
+
+Expr = tvm.ir.expr.Expr
+
+
+def packable(n: int, k: int) -> bool:
+    return n % LANES == 0 and k % GROUP == 0
+
+
+def pack_weight(w: np.ndarray) -> np.ndarray:
+    """[..., N, K] -> [..., N/16, K/4, 16, 4] (the VNNI tile layout)."""
+    *lead, n, k = w.shape
+    t = w.reshape(*lead, n // LANES, LANES, k // GROUP, GROUP)
+    return np.ascontiguousarray(np.swapaxes(t, -3, -2))
+
+
+def compensation(w: np.ndarray) -> np.ndarray:
+    """128 * sum_k W[n, k]: what the u8 shift of A adds to every output column."""
+    return (128 * w.astype(np.int64).sum(-1)).astype(np.int32)
+
+
+def b_reader(b: te.Tensor, packed: bool) -> Callable[..., Expr]:
+    """B[..., n, k] as an int32 expression, whichever layout b has."""
+    if packed:
+        return lambda *idx: b[(*idx[:-2], idx[-2] // LANES, idx[-1] // GROUP, idx[-2] % LANES, idx[-1] % GROUP)].astype("int32")
+    return lambda *idx: b[idx].astype("int32")
+
+
+def int8_matmul(
+    batch: tuple[int, ...],
+    m: int,
+    n: int,
+    k: int,
+    a_int8: Callable[..., Expr],
+    b: te.Tensor,
+    packed: bool,
+    epilogue: Callable[..., Expr],
+    out_dtype: str,
+) -> te.Tensor:
+    """O[*batch, m, n] = epilogue(sum_k (A + 128)[.., m, k] * B[.., n, k], *batch, m, n).
+
+    The epilogue receives the raw u8 x s8 sum: it must subtract the compensation itself (it knows
+    whether it is a constant folded into the bias or a run-time column sum).
+    """
+    a = te.compute((*batch, m, k), lambda *i: (a_int8(*i).astype("int32") + 128).astype("uint8"), name="A_u8")
+    rk = te.reduce_axis((0, k), name="k")
+    read_b = b_reader(b, packed)
+    acc = te.compute(
+        (*batch, m, n),
+        lambda *i: te.sum(a[(*i[:-1], rk)].astype("int32") * read_b(*i[:-2], i[-1], rk), axis=rk),
+        name="C",
+    )
+    return te.compute((*batch, m, n), lambda *i: epilogue(acc[i], *i).astype(out_dtype), name="O")

@@ -1,0 +1,86 @@
+"""Linear layers: INT8 GEMM + INT32 bias, then an integer epilogue fused into the same kernel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import tvm.ir.expr
+from tvm import te, tirx
+
+from ibert_tvm.program import INT22, Gelu, Linear, Requant, Tanh
+
+from .common import I64, Consts, Kernel, c64, chain, clamp, iexp, make_kernel, requant
+from .gemm import compensation, int8_matmul, pack_weight, packable
+
+Expr = tvm.ir.expr.Expr
+Epilogue = Callable[[Expr, Expr, Consts, list[te.Tensor]], Expr]
+
+
+def linear_kernel(
+    name: str,
+    lin: Linear,
+    m: int,
+    epilogue: Epilogue,
+    out_dtype: str,
+    extra_inputs: tuple[tuple[tuple[int, ...], str], ...] = (),
+    x_shape: tuple[int, ...] | None = None,
+    read: Callable[[te.Tensor, Expr, Expr], Expr] | None = None,
+) -> Kernel:
+    """x [m, K] times W.T, then epilogue; `x_shape` + `read(x, row, k)` re-index another layout.
+
+    The epilogue gets (acc + bias as int32, column n, consts, extra input tensors, row m).
+    """
+    n, k = lin.weight.shape
+    consts = Consts(name)
+    packed = packable(n, k)
+    w = consts.add(pack_weight(lin.weight) if packed else lin.weight, "w")
+    bias = consts.add((lin.bias.astype(np.int64) - compensation(lin.weight)).astype(np.int32), "b")
+    x = te.placeholder(x_shape or (m, k), "int8", name="x")
+    a = (lambda i, kk: read(x, i, kk)) if read else (lambda i, kk: x[i, kk])
+    extras = [te.placeholder(shape, dtype, name=f"in{j}") for j, (shape, dtype) in enumerate(extra_inputs)]
+    out = int8_matmul(
+        (), m, n, k, a, w, packed,
+        lambda acc, i, j: epilogue(acc + bias[j], j, consts, extras, i),
+        out_dtype,
+    )
+    return make_kernel(name, "gemm", [x, *extras], out, consts)
+
+
+def requant_epilogue(rqs: list[Requant]) -> Epilogue:
+    return lambda acc, j, consts, extras, i: chain(acc, rqs, consts, j)
+
+
+def residual_epilogue(acc_rq: Requant, res_rq: Requant) -> Epilogue:
+    """LN input: requantized GEMM output plus requantized residual, clamped to 22 bits."""
+    def f(acc, j, consts, extras, i):
+        s = requant(acc, acc_rq, consts, j) + requant(extras[0][i, j], res_rq, consts, j)
+        return clamp(s, *INT22)
+    return f
+
+
+def gelu_epilogue(g: Gelu) -> Epilogue:
+    """i-GELU with per-channel constants, then its requantization chain to int8."""
+    def f(acc, j, consts, extras, i):
+        b, c, one = (consts.add(v, name)[j] for v, name in ((g.b, "gb"), (g.c, "gc"), (g.one, "g1")))
+        x = acc.astype(I64)
+        sign = tirx.Select(x > c64(0), c64(1), tirx.Select(x < c64(0), c64(-1), c64(0)))
+        a = tirx.min(tirx.abs(x), -b)
+        erf = (sign * ((a + b) * (a + b) + c)) >> c64(g.ERF_SHIFT)
+        return chain(x * (erf + one), g.out, consts, j)
+    return f
+
+
+def tanh_epilogue(t: Tanh) -> Epilogue:
+    """tanh(x) = sign(x) (1 - E) / (1 + E), E = i-exp(-2|x|) in Q15; int8 out at scale 1/127."""
+    def f(acc, j, consts, extras, i):
+        x = requant(acc, t.to_fixed, consts, j)
+        e = iexp(c64(-2) * tirx.abs(x), t.exp)
+        one = c64(1 << Tanh.EXP_FRAC)
+        mag = tirx.floordiv(c64(2 * Tanh.OUT_SCALE) * (one - e) + (one + e), c64(2) * (one + e))
+        return tirx.Select(x < c64(0), -mag, mag)
+    return f
+
+
+def raw_epilogue() -> Epilogue:
+    return lambda acc, j, consts, extras, i: acc

@@ -1,0 +1,90 @@
+"""x86 schedules: VNNI-tensorized register tiles for INT8 GEMMs, parallel + vector loops elsewhere.
+
+GEMM kernels (`ibert.kind == "gemm"`, blocks A_u8 / C / O from `relay_ops.gemm`) are tiled MB rows
+x NB*16 columns; the accumulator tile is computed under the epilogue's tile loop, so the epilogue
+(requantization, GELU, residual) runs on data still in cache. With VNNI the inner 16x4 product
+is `vpdpbusd`; without, the same tile is left to LLVM's vectorizer.
+"""
+
+from __future__ import annotations
+
+from itertools import takewhile
+
+from tvm import s_tir, tirx
+
+from relay_ops.gemm import GROUP, LANES, packable
+
+from .x86_intrin import VNNI_INTRIN
+
+ROW_TILES = (4, 2, 1)
+COL_TILES = (4, 3, 2, 1)
+
+
+def schedule(func: tirx.PrimFunc, vnni: bool) -> tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    if func.attrs["ibert.kind"] == "gemm" and _gemm(sch, vnni):
+        return sch.mod["main"]
+    sch = s_tir.Schedule(func)
+    _generic(sch)
+    return sch.mod["main"]
+
+
+def _extents(sch: s_tir.Schedule, block) -> list[int]:
+    return [int(sch.get(l).extent) for l in sch.get_loops(block)]
+
+
+def _gemm(sch: s_tir.Schedule, vnni: bool) -> bool:
+    c, o = sch.get_sblock("C"), sch.get_sblock("O")
+    *batch, m, n, k = _extents(sch, c)
+    if not packable(n, k):
+        return False
+    mb = next(t for t in ROW_TILES if m % t == 0)
+    nb = next(t for t in COL_TILES if (n // LANES) % t == 0)
+    *bl, oi, oj = sch.get_loops(o)
+    oi0, oi1 = sch.split(oi, [None, mb])
+    oj0, oj1 = sch.split(oj, [None, nb * LANES])
+    sch.reorder(oi0, oj0, oi1, oj1)
+    sch.compute_at(c, oj0)
+    *_, a0, a1, a2 = sch.get_loops(c)
+    a10, a11 = sch.split(a1, [nb, LANES])
+    k0, k1 = sch.split(a2, [None, GROUP])
+    sch.reorder(k0, a0, a10, a11, k1)
+    sch.parallel(sch.fuse(*bl, oi0, oj0))
+    init = sch.decompose_reduction(c, k0)
+    if vnni:
+        sch.tensorize(a11, VNNI_INTRIN)
+    else:
+        sch.reorder(k1, a11)
+        sch.vectorize(a11)
+    sch.unroll(a0)
+    sch.unroll(a10)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(oj1)
+    for name in ("A_u8", "B_pack", "ksum"):
+        try:
+            blk = sch.get_sblock(name)
+        except Exception:  # noqa: BLE001 - the stage is absent from this GEMM
+            continue
+        _parallel_vector(sch, blk)
+    return True
+
+
+def _parallel_vector(sch: s_tir.Schedule, blk) -> None:
+    """Leading spatial loops run in parallel; a fully spatial block's last loop in 16 lanes."""
+    loops = sch.get_loops(blk)
+    kinds = [iv.iter_type for iv in sch.get(blk).iter_vars]
+    lead = len(list(takewhile(lambda t: t == 0, kinds)))
+    if lead == len(loops) and lead > 1:
+        outer, last = loops[:-1], loops[-1]
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        if int(sch.get(last).extent) % LANES == 0:
+            sch.vectorize(sch.split(last, [None, LANES])[1])
+    elif lead:
+        sch.parallel(sch.fuse(*loops[:lead]) if lead > 1 else loops[0])
+
+
+def _generic(sch: s_tir.Schedule) -> None:
+    """Every block: its leading spatial loops in parallel, its last spatial loop vectorized."""
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get_loops(blk):
+            _parallel_vector(sch, blk)
