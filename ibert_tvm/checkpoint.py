@@ -44,7 +44,7 @@ def model_class_of(path: Path) -> str:
     return "IBertForSequenceClassification" if any("SequenceClassification" in a for a in archs) else "IBertModel"
 
 
-def ibert_config(path: Path) -> IBertConfig:
+def ibert_config(path: Path, quant_mode: bool = True) -> IBertConfig:
     cfg = AutoConfig.from_pretrained(path)
     if cfg.model_type not in SUPPORTED:
         raise ValueError(f"{path}: model type {cfg.model_type!r} is not one of {', '.join(SUPPORTED)}")
@@ -57,13 +57,13 @@ def ibert_config(path: Path) -> IBertConfig:
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         d["pad_token_id"] = pad
         d["max_position_embeddings"] = cfg.max_position_embeddings + pad + 1
-    return IBertConfig(**d, quant_mode=True)
+    return IBertConfig(**d, quant_mode=quant_mode)
 
 
-def load(path: str | Path, model_class: str | None = None) -> torch.nn.Module:
-    """Load a checkpoint directory as an IBert model with `quant_mode=True`, in eval mode."""
+def load(path: str | Path, model_class: str | None = None, quant_mode: bool = True) -> torch.nn.Module:
+    """Load a checkpoint directory as an IBert model (`quant_mode=False`: plain FP32), in eval mode."""
     path = resolve(path)
-    cfg = ibert_config(path)
+    cfg = ibert_config(path, quant_mode)
     cls = CLASSES[model_class or model_class_of(path)]
     if AutoConfig.from_pretrained(path).model_type == "ibert":
         model = cls.from_pretrained(path, config=cfg)

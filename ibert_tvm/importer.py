@@ -73,19 +73,20 @@ def quantize_linear(dense: nn.Module, in_scale: float) -> tuple[Linear, np.ndarr
     return lin, f32(s_acc)
 
 
-def iexp(scale: float, out_scale: float, clamp: tuple[int, int]) -> IExp:
-    """i-exp constants for inputs at `scale`, requantized to `out_scale`."""
+def iexp(scale: float, ratio: float, clamp: tuple[int, int]) -> IExp:
+    """i-exp constants for inputs at `scale`; `ratio` turns the polynomial z (at q = 0) into output."""
     x0 = math.floor(EXP_X0 / scale)
     b = math.floor(EXP_COEF[1] / scale)
     c = math.floor(EXP_COEF[2] / scale**2)
-    out = dyadic(EXP_COEF[0] * scale**2 / out_scale, in_bound=c, clamp=clamp)
+    out = dyadic(ratio, in_bound=c, clamp=clamp)
     return IExp(x0=x0, b=b, c=c, out=out)
 
 
 def tanh_of(acc_scale: np.ndarray, acc_bound: int) -> Tanh:
     lim = Tanh.LIMIT << Tanh.FRAC
     to_fixed = dyadic(acc_scale * 2.0**Tanh.FRAC, acc_bound, clamp=(-lim, lim))
-    exp = iexp(2.0**-Tanh.FRAC, 2.0**-Tanh.EXP_FRAC, clamp=(0, 1 << Tanh.EXP_FRAC))
+    s = 2.0**-Tanh.FRAC
+    exp = iexp(s, EXP_COEF[0] * s**2 * 2.0**Tanh.EXP_FRAC, clamp=(0, 1 << Tanh.EXP_FRAC))
     return Tanh(to_fixed=to_fixed, exp=exp)
 
 
@@ -139,7 +140,9 @@ def convert_layer(m: hf.IBertLayer, s_in: float) -> tuple[Layer, float]:
     ratios = np.concatenate([sa / s for (_, sa), s in zip(lins, (s_q, s_k, s_v))])
     s_scores = float(torch.tensor([s_q], dtype=torch.float32) * s_k / math.sqrt(d))
     s_ctx = act_scale(att.output_activation)
-    softmax = Softmax(exp=iexp(s_scores, act_scale(att.softmax.act), clamp=INT16))
+    # HF calibrates IntSoftmax's inner QuantAct(16) on the integers exp_int = z * 2**(30 - q), not
+    # on real values: its output is round(exp_int / s16), hence the ratio 2**30 / s16.
+    softmax = Softmax(exp=iexp(s_scores, 2.0**EXP_CONST / act_scale(att.softmax.act), clamp=INT16))
     # Probabilities sum to at most 256 (scale 1/256), so |P @ V| <= 256 * 128.
     ctx_out = dyadic(s_v / 256 / s_ctx, 256 * 128, clamp=INT8)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import tvm.ir.expr
 from tvm import te, tirx
 
 from ibert_tvm.program import IExp, Requant
@@ -75,10 +76,15 @@ def chain(x: tvm.ir.expr.Expr, rqs: list[Requant], consts: Consts, ch: tvm.ir.ex
 
 
 def iexp(x: tvm.ir.expr.Expr, ie: IExp) -> tvm.ir.expr.Expr:
-    """i-exp of x <= 0 requantized by ie.out; the shift grows by q and past 62 bits gives 0."""
-    x = tirx.max(x.astype(I64), c64(30 * ie.x0))
-    q = tirx.floordiv(x, c64(ie.x0))
-    r = x - c64(ie.x0) * q
+    """i-exp of x <= 0 requantized by ie.out; the shift grows by q and past 62 bits gives 0.
+
+    The division by x0 runs in int32 (x is clamped to 30 * x0, well inside int32), where LLVM
+    vectorizes division by a constant; only the polynomial and the product need int64.
+    """
+    x32 = tirx.max(x.astype("int32"), tirx.const(30 * ie.x0, "int32"))
+    q32 = tirx.floordiv(x32, tirx.const(ie.x0, "int32"))
+    r = (x32 - tirx.const(ie.x0, "int32") * q32).astype(I64)
+    q = q32.astype(I64)
     z = (r + c64(ie.b)) * r + c64(ie.c)
     shift = c64(ie.out.e) + q
     y = rshift_round(z * c64(ie.out.m), tirx.min(shift, c64(62)))

@@ -45,10 +45,11 @@ def _gemm(sch: s_tir.Schedule, vnni: bool) -> bool:
     oj0, oj1 = sch.split(oj, [None, nb * LANES])
     sch.reorder(oi0, oj0, oi1, oj1)
     sch.compute_at(c, oj0)
-    *_, a0, a1, a2 = sch.get_loops(c)
+    own = sch.get_loops(c)[len(bl) + 2 :]  # a one-row tile has no row loop of its own
+    rows, a1, a2 = ([None] if len(own) == 2 else own[:1]) + own[-2:]
     a10, a11 = sch.split(a1, [nb, LANES])
     k0, k1 = sch.split(a2, [None, GROUP])
-    sch.reorder(k0, a0, a10, a11, k1)
+    sch.reorder(*[l for l in (k0, rows, a10, a11, k1) if l is not None])
     sch.parallel(sch.fuse(*bl, oi0, oj0))
     init = sch.decompose_reduction(c, k0)
     if vnni:
@@ -56,8 +57,9 @@ def _gemm(sch: s_tir.Schedule, vnni: bool) -> bool:
     else:
         sch.reorder(k1, a11)
         sch.vectorize(a11)
-    sch.unroll(a0)
-    sch.unroll(a10)
+    for loop in (rows, a10):
+        if loop is not None:
+            sch.unroll(loop)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(oj1)
     for name in ("A_u8", "B_pack", "ksum"):

@@ -1,0 +1,91 @@
+"""The deployable artifact: library, parameters, tokenizer and a manifest that hashes them all.
+
+It is written into a temporary folder beside the destination and renamed into place, so a
+failed compile never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+PARAMS = "params.safetensors"
+TOKENIZER = "tokenizer.json"
+
+
+class ArtifactError(RuntimeError):
+    pass
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_writable(out: Path, force: bool) -> None:
+    """Fail before any heavy work if `out` cannot be (re)placed."""
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as err:
+        raise PermissionError(f"cannot write the artifact under {parent}: {err.strerror or err}") from err
+
+
+def write(out: Path, fill: Callable[[Path], dict[str, Any]], force: bool = False) -> Path:
+    """Create the artifact via `fill(tmpdir) -> manifest fields`, hash every file, rename into place."""
+    out = Path(out)
+    check_writable(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+    try:
+        manifest = {"format_version": FORMAT_VERSION, **fill(tmp)}
+        manifest["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read(path: Path) -> dict[str, Any]:
+    """The manifest, after checking the format version and every file's sha256."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError as err:
+        raise ArtifactError(f"{path} is not an ibert-tvm artifact (no {MANIFEST})") from err
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path / MANIFEST} is corrupt: {err}") from err
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format version {manifest.get('format_version')}, this runner reads {FORMAT_VERSION}")
+    for name, digest in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise ArtifactError(f"{path}: {name} is missing")
+        if sha256(f) != digest:
+            raise ArtifactError(f"{path}: {name} does not match its sha256 in the manifest (corrupt or tampered)")
+    for required in (LIBRARY, PARAMS):
+        if required not in manifest.get("files", {}):
+            raise ArtifactError(f"{path}: manifest lists no {required}")
+    return manifest

@@ -1,0 +1,127 @@
+"""`ibert-tvm`: compile an I-BERT for a target, run an artifact, or run the demo (the main job)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DEMO_SENTENCES = [
+    "A gripping, beautifully acted film that stays with you.",
+    "One of the most moving movies I have seen this year.",
+    "The plot is dull and the dialogue is painfully flat.",
+    "I checked my watch every ten minutes; a tedious mess.",
+    "The recipe needs two cups of flour and a pinch of salt.",
+]
+
+
+def _read_lines(path: str) -> list[str]:
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    from .compile import CompileOptions, compile_model
+
+    texts = _read_lines(a.calib_texts) if a.calib_texts else None
+    if a.calib_texts and not texts:
+        raise ValueError(f"calibration text file {a.calib_texts} is empty")
+    out = compile_model(CompileOptions(
+        model=a.model, target=a.target, batch=a.batch, seq_len=a.seq_len, out=Path(a.output),
+        calib_texts=texts, force=a.force,
+    ))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .runner import Runner
+
+    r = Runner(a.artifact)
+    ids, mask = r.encode(a.texts, truncate=a.truncate)
+    out = r.run(ids, mask)
+    result = []
+    for i, text in enumerate(a.texts):
+        item: dict = {"text": text}
+        if "logits" in out:
+            logits = out["logits"][i]
+            labels = r.manifest["label_names"]
+            item["label"] = labels[int(np.argmax(logits))] if labels else int(np.argmax(logits))
+            item["logits"] = [round(float(v), 5) for v in logits]
+        else:
+            item["embedding_norm"] = float(np.linalg.norm(out["last_hidden_state"][i][mask[i] == 1].mean(0)))
+            if "pooler_output" in out:
+                item["pooler_output_head"] = [round(float(v), 4) for v in out["pooler_output"][i][:4]]
+        result.append(item)
+    if a.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for item in result:
+            print("\t".join(f"{k}={v}" for k, v in item.items()))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """The main job: compile the default model for this CPU, compare similarities with FP32."""
+    from .compile import CompileOptions, compile_model
+    from .fp32 import fp32_embeddings
+    from .runner import Runner
+
+    out = Path(a.output)
+    if not (out / "manifest.json").exists() or a.force:
+        compile_model(CompileOptions(model="default", target="host", batch=1, seq_len=a.seq_len, out=out, force=True))
+    r = Runner(out)
+    ours = r.embed(DEMO_SENTENCES)
+    ref = fp32_embeddings("default", DEMO_SENTENCES, a.seq_len)
+    sim_int, sim_fp = ours @ ours.T, ref @ ref.T
+    print(f"artifact: {out}  (target {r.manifest['target']['preset']}, seq_len {r.seq_len})")
+    for i, s in enumerate(DEMO_SENTENCES):
+        print(f"  [{i}] {s}")
+    print("\npair   int8-TVM   fp32-PyTorch")
+    for i in range(len(DEMO_SENTENCES)):
+        for j in range(i + 1, len(DEMO_SENTENCES)):
+            print(f"{i}-{j}    {sim_int[i, j]:+.4f}    {sim_fp[i, j]:+.4f}")
+    cos = (ours * ref).sum(1)
+    print(f"\ncosine(int8 embedding, fp32 embedding): mean {cos.mean():.4f}, min {cos.min():.4f}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ibert-tvm", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compile", help="compile a checkpoint into an artifact folder")
+    c.add_argument("--model", required=True, help="transformers checkpoint directory, or 'default' (all-MiniLM-L6-v2)")
+    c.add_argument("--target", default="host", help="target preset: host (alias x86), x86-avx512-vnni, x86-avx2")
+    c.add_argument("--batch", type=int, default=1)
+    c.add_argument("--seq-len", type=int, default=128)
+    c.add_argument("-o", "--output", default="artifacts/model")
+    c.add_argument("--calib-texts", help="text file, one calibration sentence a line (needed when uncalibrated)")
+    c.add_argument("--force", action="store_true", help="replace an existing artifact")
+    c.set_defaults(fn=cmd_compile)
+    r = sub.add_parser("run", help="run an artifact on text")
+    r.add_argument("artifact")
+    r.add_argument("texts", nargs="+")
+    r.add_argument("--json", action="store_true")
+    r.add_argument("--truncate", action="store_true", help="cut text longer than the compiled length")
+    r.set_defaults(fn=cmd_run)
+    d = sub.add_parser("demo", help="compile the default model here and compare sentence similarities with FP32")
+    d.add_argument("-o", "--output", default="artifacts/default-host")
+    d.add_argument("--seq-len", type=int, default=128)
+    d.add_argument("--force", action="store_true", help="recompile even if the artifact exists")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as err:
+        print(f"ibert-tvm: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

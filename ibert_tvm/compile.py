@@ -1,0 +1,134 @@
+"""The compile command: checkpoint -> integer program -> Relax -> scheduled library -> artifact."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import artifact, targets
+
+
+@dataclass
+class CompileOptions:
+    model: str
+    target: str = "host"
+    batch: int = 1
+    seq_len: int = 128
+    out: Path = Path("artifacts/model")
+    calib_texts: list[str] | None = None
+    calib_batch: int = 32
+    force: bool = False
+    progress: bool = True
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("ibert-tvm", "apache-tvm", "apache-tvm-ffi", "torch", "transformers", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def default_calibration_texts(n: int = 256) -> list[str]:
+    from .data import movie_sentences
+
+    rows = movie_sentences()
+    step = max(1, len(rows) // n)
+    return [text for _, text in rows[::step][:n]]
+
+
+def tokenizer_batches(tokenizer_file: Path, texts: list[str], batch: int, max_len: int) -> list[dict[str, Any]]:
+    import torch
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok.enable_truncation(max_len)
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]") or 0)
+    out = []
+    for i in range(0, len(texts), batch):
+        enc = tok.encode_batch(texts[i : i + batch])
+        out.append({
+            "input_ids": torch.tensor([e.ids for e in enc]),
+            "attention_mask": torch.tensor([e.attention_mask for e in enc]),
+        })
+    return out
+
+
+def compile_model(opt: CompileOptions) -> Path:
+    """Compile `opt.model` for `opt.target`; returns the artifact folder."""
+    from . import checkpoint
+    from .build import compile_graph
+    from .calibrate import calibrate
+    from .graph import INPUTS, build_graph
+    from .importer import convert
+
+    preset = targets.get(opt.target)
+    if opt.batch < 1 or opt.seq_len < 1:
+        raise ValueError(f"batch and seq_len must be positive, got {opt.batch} x {opt.seq_len}")
+    artifact.check_writable(Path(opt.out), opt.force)
+    path = checkpoint.resolve(opt.model)
+    tok_file = path / artifact.TOKENIZER
+    model = checkpoint.load(path)
+    texts = opt.calib_texts
+    if texts is None and opt.model == checkpoint.DEFAULT_MODEL:
+        texts = default_calibration_texts()
+    if texts is not None:
+        if not any(t.strip() for t in texts):
+            raise ValueError("calibration text is empty")
+        if not tok_file.exists():
+            raise FileNotFoundError(f"{path} has no tokenizer.json to tokenize calibration text with")
+        calibrate(model, tokenizer_batches(tok_file, texts, opt.calib_batch, opt.seq_len), progress=opt.progress)
+    elif not checkpoint.is_calibrated(model):
+        raise ValueError(f"{path} is not calibrated (no activation ranges): give calibration text (--calib-texts FILE)")
+    program = convert(model)
+    graph = build_graph(program, opt.batch, opt.seq_len)
+    executable = compile_graph(graph, preset)
+
+    def fill(tmp: Path) -> dict[str, Any]:
+        from safetensors.numpy import save_file
+
+        executable.export_library(str(tmp / artifact.LIBRARY))
+        save_file({name: np.ascontiguousarray(a) for name, a in graph.params}, str(tmp / artifact.PARAMS))
+        if tok_file.exists():
+            shutil.copyfile(tok_file, tmp / artifact.TOKENIZER)
+        scales = program.output_scales()
+        shapes = {
+            "last_hidden_state": [opt.batch, opt.seq_len, program.hidden],
+            "pooler_output": [opt.batch, program.hidden],
+            "logits": [opt.batch, len(program.label_names)],
+        }
+        dtypes = {"last_hidden_state": "int8", "pooler_output": "int8", "logits": "int32"}
+        return {
+            "model_class": program.model_class,
+            "source": str(opt.model),
+            "target": {
+                "preset": preset.name,
+                "tvm": {k: v for k, v in preset.target.items()},
+                "arch": preset.arch,
+                "cpu_flags": list(preset.cpu_flags),
+                "built_on": platform.machine(),
+            },
+            "batch": opt.batch,
+            "seq_len": opt.seq_len,
+            "vocab_size": program.vocab,
+            "pad_id": program.pad_id,
+            "inputs": [{"name": n, "shape": [opt.batch, opt.seq_len], "dtype": "int32"} for n in INPUTS],
+            "outputs": [
+                {"name": n, "shape": shapes[n], "dtype": dtypes[n], "scale": scales[n]} for n in program.outputs
+            ],
+            "label_names": program.label_names,
+            "tokenizer": {"file": artifact.TOKENIZER if tok_file.exists() else None, "max_length": opt.seq_len,
+                          "pad_id": program.pad_id},
+            "params": [name for name, _ in graph.params],
+            "packages": versions(),
+        }
+
+    return artifact.write(Path(opt.out), fill, force=opt.force)

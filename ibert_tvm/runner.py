@@ -1,0 +1,126 @@
+"""Run a compiled artifact with the TVM runtime alone (numpy, tokenizers, safetensors; no torch).
+
+Integers come out of the library; `run` multiplies them by the scales in the manifest, the one
+float step of the pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import artifact
+from .targets import check_runnable
+
+
+class Runner:
+    def __init__(self, path: str | Path):
+        import tvm
+        from safetensors.numpy import load_file
+        from tvm import relax
+
+        self.path = Path(path)
+        self.manifest = m = artifact.read(self.path)
+        check_runnable(m["target"]["arch"], m["target"]["cpu_flags"])
+        self.batch, self.seq_len = m["batch"], m["seq_len"]
+        self.vocab, self.pad_id = m["vocab_size"], m["pad_id"]
+        self.outputs: list[dict[str, Any]] = m["outputs"]
+        self._dev = tvm.cpu()
+        lib = tvm.runtime.load_module(str(self.path / artifact.LIBRARY))
+        self._vm = relax.VirtualMachine(lib, self._dev)
+        params = load_file(str(self.path / artifact.PARAMS))
+        self._params = [tvm.runtime.tensor(params[name], self._dev) for name in m["params"]]
+        self._tensor = tvm.runtime.tensor
+        self._tokenizer = None
+
+    # -- text -------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            f = self.path / artifact.TOKENIZER
+            if not f.exists():
+                raise FileNotFoundError(f"{self.path} has no tokenizer; pass token ids to run()")
+            tok = Tokenizer.from_file(str(f))
+            tok.no_padding()
+            tok.no_truncation()
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def encode(self, texts: list[str] | str, truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and attention mask [n, seq_len]; over-long text raises unless `truncate`."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("no text given")
+        ids = np.full((len(texts), self.seq_len), self.pad_id, np.int32)
+        mask = np.zeros((len(texts), self.seq_len), np.int32)
+        for i, enc in enumerate(self.tokenizer.encode_batch(texts)):
+            toks = enc.ids
+            if len(toks) > self.seq_len:
+                if not truncate:
+                    raise ValueError(
+                        f"text {i} is {len(toks)} tokens, longer than the compiled length {self.seq_len} "
+                        "(truncate=True / --truncate cuts it)"
+                    )
+                toks = toks[: self.seq_len - 1] + toks[-1:]  # keep the closing [SEP]/</s>
+            ids[i, : len(toks)] = toks
+            mask[i, : len(toks)] = 1
+        return ids, mask
+
+    # -- integers ---------------------------------------------------------------------------
+    def _check(self, name: str, a: Any, like: np.ndarray | None = None) -> np.ndarray:
+        a = np.asarray(a)
+        if a.dtype.kind not in "iub":
+            raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
+        if a.ndim == 1:
+            a = a[None]
+        if a.ndim != 2:
+            raise ValueError(f"{name} must be [batch, seq] (2-D), got shape {a.shape}")
+        if like is not None and a.shape != like.shape:
+            raise ValueError(f"{name} has shape {a.shape}, input_ids has {like.shape}")
+        if a.shape[1] > self.seq_len:
+            raise ValueError(f"{name} has {a.shape[1]} tokens, the library was compiled for {self.seq_len}")
+        return a.astype(np.int64)
+
+    def run_integer(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> dict[str, Any]:
+        """Raw integer outputs (names as transformers), plus `scales`: name -> per-channel scales."""
+        ids = self._check("input_ids", input_ids)
+        mask = np.ones_like(ids) if attention_mask is None else self._check("attention_mask", attention_mask, ids)
+        types = np.zeros_like(ids) if token_type_ids is None else self._check("token_type_ids", token_type_ids, ids)
+        bad = (ids < 0) | (ids >= self.vocab)
+        if bad.any():
+            raise ValueError(f"token ids outside the vocabulary [0, {self.vocab}): {sorted(set(ids[bad].tolist()))[:5]}")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("attention_mask must be 0 or 1")
+        n, s = ids.shape
+        # pad to the compiled length and a whole number of compiled batches
+        rows = -(-n // self.batch) * self.batch
+        full = lambda a, fill: np.pad(a, ((0, rows - n), (0, self.seq_len - s)), constant_values=fill).astype(np.int32)  # noqa: E731
+        ids_p, mask_p, types_p = full(ids, self.pad_id), full(mask, 0), full(types, 0)
+        chunks: list[list[np.ndarray]] = []
+        for r in range(0, rows, self.batch):
+            args = [self._tensor(a[r : r + self.batch], self._dev) for a in (ids_p, mask_p, types_p)]
+            chunks.append([o.numpy() for o in self._vm["main"](*args, *self._params)])
+        out: dict[str, Any] = {}
+        for i, spec in enumerate(self.outputs):
+            val = np.concatenate([c[i] for c in chunks])[:n]
+            out[spec["name"]] = val[:, :s] if val.ndim == 3 else val
+        out["scales"] = {o["name"]: np.asarray(o["scale"]) for o in self.outputs}
+        return out
+
+    def run(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> dict[str, np.ndarray]:
+        """Float outputs: the integers times their scales."""
+        ints = self.run_integer(input_ids, attention_mask, token_type_ids)
+        scales = ints.pop("scales")
+        return {k: v.astype(np.float32) * scales[k].astype(np.float32) for k, v in ints.items()}
+
+    def embed(self, texts: list[str] | str, truncate: bool = False) -> np.ndarray:
+        """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' pooling)."""
+        ids, mask = self.encode(texts, truncate)
+        hidden = self.run(ids, mask)["last_hidden_state"]
+        m = mask[..., None].astype(np.float32)
+        pooled = (hidden * m).sum(1) / np.maximum(m.sum(1), 1)
+        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
