@@ -36,6 +36,15 @@ def cmd_compile(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(a: argparse.Namespace) -> int:
+    from .compile import CompileOptions, tune_model
+
+    texts = _read_lines(a.calib_texts) if a.calib_texts else None
+    records = tune_model(CompileOptions(model=a.model, target=a.target, batch=a.batch, seq_len=a.seq_len, calib_texts=texts))
+    print(f"{len(records)} tile records for this CPU (schedules/records/)")
+    return 0
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from .runner import Runner
 
@@ -100,6 +109,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-texts", help="text file, one calibration sentence a line (needed when uncalibrated)")
     c.add_argument("--force", action="store_true", help="replace an existing artifact")
     c.set_defaults(fn=cmd_compile)
+    t = sub.add_parser("tune", help="measure GEMM tile sizes for a model's shapes on this machine; records are kept")
+    t.add_argument("--model", required=True)
+    t.add_argument("--target", default="host")
+    t.add_argument("--batch", type=int, default=1)
+    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--calib-texts")
+    t.set_defaults(fn=cmd_tune)
     r = sub.add_parser("run", help="run an artifact on text")
     r.add_argument("artifact")
     r.add_argument("texts", nargs="+")

@@ -62,18 +62,14 @@ def tokenizer_batches(tokenizer_file: Path, texts: list[str], batch: int, max_le
     return out
 
 
-def compile_model(opt: CompileOptions) -> Path:
-    """Compile `opt.model` for `opt.target`; returns the artifact folder."""
+def integer_program(opt: CompileOptions) -> tuple["IntProgram", Path]:  # noqa: F821
+    """Checkpoint -> (calibrated) IBert -> integer program; returns it with the checkpoint path."""
     from . import checkpoint
-    from .build import compile_graph
     from .calibrate import calibrate
-    from .graph import INPUTS, build_graph
     from .importer import convert
 
-    preset = targets.get(opt.target)
     if opt.batch < 1 or opt.seq_len < 1:
         raise ValueError(f"batch and seq_len must be positive, got {opt.batch} x {opt.seq_len}")
-    artifact.check_writable(Path(opt.out), opt.force)
     path = checkpoint.resolve(opt.model)
     tok_file = path / artifact.TOKENIZER
     model = checkpoint.load(path)
@@ -88,7 +84,18 @@ def compile_model(opt: CompileOptions) -> Path:
         calibrate(model, tokenizer_batches(tok_file, texts, opt.calib_batch, opt.seq_len), progress=opt.progress)
     elif not checkpoint.is_calibrated(model):
         raise ValueError(f"{path} is not calibrated (no activation ranges): give calibration text (--calib-texts FILE)")
-    program = convert(model)
+    return convert(model), path
+
+
+def compile_model(opt: CompileOptions) -> Path:
+    """Compile `opt.model` for `opt.target`; returns the artifact folder."""
+    from .build import compile_graph
+    from .graph import INPUTS, build_graph
+
+    preset = targets.get(opt.target)
+    artifact.check_writable(Path(opt.out), opt.force)
+    program, path = integer_program(opt)
+    tok_file = path / artifact.TOKENIZER
     graph = build_graph(program, opt.batch, opt.seq_len)
     executable = compile_graph(graph, preset)
 
@@ -132,3 +139,13 @@ def compile_model(opt: CompileOptions) -> Path:
         }
 
     return artifact.write(Path(opt.out), fill, force=opt.force)
+
+
+def tune_model(opt: CompileOptions) -> dict[str, list[int]]:
+    """Tune the GEMM tiles of `opt.model` at (batch, seq_len) on this machine; returns the records."""
+    from .build import tune_graph
+    from .graph import build_graph
+
+    preset = targets.get(opt.target)
+    program, _ = integer_program(opt)
+    return tune_graph(build_graph(program, opt.batch, opt.seq_len), preset, progress=opt.progress)

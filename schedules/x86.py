@@ -12,17 +12,37 @@ from itertools import takewhile
 
 from tvm import s_tir, tirx
 
-from relay_ops.gemm import GROUP, LANES, packable
+from relay_ops.gemm import GROUP, LANES, packable  # noqa: F401 (packable re-exported for tuning)
 
 from .x86_intrin import VNNI_INTRIN
 
 ROW_TILES = (4, 2, 1)
 COL_TILES = (4, 3, 2, 1)
+Tiles = tuple[int, int]  # (rows, 16-column groups) of one register tile
 
 
-def schedule(func: tirx.PrimFunc, vnni: bool) -> tirx.PrimFunc:
+def gemm_shape(func: tirx.PrimFunc) -> tuple[int, ...] | None:
+    """(*batch, M, N, K) of a GEMM kernel, read off its accumulator block."""
+    if func.attrs["ibert.kind"] != "gemm":
+        return None
     sch = s_tir.Schedule(func)
-    if func.attrs["ibert.kind"] == "gemm" and _gemm(sch, vnni):
+    return tuple(_extents(sch, sch.get_sblock("C")))
+
+
+def tile_candidates(m: int, n: int) -> list[Tiles]:
+    """Register tiles that divide the shape and fit AVX-512's 32 vector registers."""
+    rows = [t for t in (1, 2, 3, 4, 6, 8) if m % t == 0]
+    cols = [t for t in (1, 2, 3, 4, 6, 8) if (n // LANES) % t == 0]
+    return [(r, c) for r in rows for c in cols if 4 <= r * c <= 28]
+
+
+def default_tiles(m: int, n: int) -> Tiles:
+    return next(t for t in ROW_TILES if m % t == 0), next(t for t in COL_TILES if (n // LANES) % t == 0)
+
+
+def schedule(func: tirx.PrimFunc, vnni: bool, tiles: Tiles | None = None) -> tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    if func.attrs["ibert.kind"] == "gemm" and _gemm(sch, vnni, tiles):
         return sch.mod["main"]
     sch = s_tir.Schedule(func)
     _generic(sch)
@@ -33,13 +53,12 @@ def _extents(sch: s_tir.Schedule, block) -> list[int]:
     return [int(sch.get(l).extent) for l in sch.get_loops(block)]
 
 
-def _gemm(sch: s_tir.Schedule, vnni: bool) -> bool:
+def _gemm(sch: s_tir.Schedule, vnni: bool, tiles: Tiles | None) -> bool:
     c, o = sch.get_sblock("C"), sch.get_sblock("O")
     *batch, m, n, k = _extents(sch, c)
     if not packable(n, k):
         return False
-    mb = next(t for t in ROW_TILES if m % t == 0)
-    nb = next(t for t in COL_TILES if (n // LANES) % t == 0)
+    mb, nb = tiles or default_tiles(m, n)
     *bl, oi, oj = sch.get_loops(o)
     oi0, oi1 = sch.split(oi, [None, mb])
     oj0, oj1 = sch.split(oj, [None, nb * LANES])
