@@ -11,7 +11,14 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, IBertConfig, IBertForSequenceClassification, IBertModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    IBertConfig,
+    IBertForSequenceClassification,
+    IBertModel,
+)
 from transformers.models.ibert import quant_modules as qm
 
 DEFAULT_MODEL = "default"
@@ -60,27 +67,43 @@ def ibert_config(path: Path, quant_mode: bool = True) -> IBertConfig:
     return IBertConfig(**d, quant_mode=quant_mode)
 
 
+def _remap(src: dict[str, torch.Tensor], model_type: str, classifier: bool) -> dict[str, torch.Tensor]:
+    """BERT/RoBERTa tensor names -> IBert's. BERT's pooler + classifier is IBert's classification
+    head (dense -> tanh -> out_proj on the first token), so it maps onto it one to one."""
+    out = {}
+    for k, v in src.items():
+        base = k.split(".", 1)[1] if k.startswith(("bert.", "roberta.")) else k
+        if classifier and model_type == "bert" and base.startswith("pooler.dense."):
+            out["classifier.dense." + base.rsplit(".", 1)[1]] = v
+        elif classifier and model_type == "bert" and k.startswith("classifier."):
+            out["classifier.out_proj." + k.rsplit(".", 1)[1]] = v
+        elif classifier and k.startswith("classifier."):
+            out[k] = v
+        elif not (classifier and base.startswith("pooler.")):
+            out[("ibert." if classifier else "") + base] = v
+    return out
+
+
 def load(path: str | Path, model_class: str | None = None, quant_mode: bool = True) -> torch.nn.Module:
     """Load a checkpoint directory as an IBert model (`quant_mode=False`: plain FP32), in eval mode."""
     path = resolve(path)
     cfg = ibert_config(path, quant_mode)
     cls = CLASSES[model_class or model_class_of(path)]
-    if AutoConfig.from_pretrained(path).model_type == "ibert":
-        model = cls.from_pretrained(path, config=cfg)
-    else:
-        model = cls(cfg)
-        src = AutoModel.from_pretrained(path).state_dict()
-        prefix = "ibert." if cls is not IBertModel else ""
-        state = {prefix + k: v for k, v in src.items()}
-        if AutoConfig.from_pretrained(path).model_type == "bert":
-            key = prefix + "embeddings.position_embeddings.weight"
-            table = state[key]
-            lead = torch.zeros(cfg.pad_token_id + 1, table.shape[1], dtype=table.dtype)
-            state[key] = torch.cat([lead, table])
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        real_missing = [k for k in missing if not is_quant_buffer(model, k) and not k.startswith("classifier")]
-        if real_missing or unexpected:
-            raise ValueError(f"{path}: tensors do not map onto IBert (missing {real_missing[:5]}, unexpected {unexpected[:5]})")
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type == "ibert":
+        return cls.from_pretrained(path, config=cfg).eval()
+    classifier = cls is IBertForSequenceClassification
+    loader = AutoModelForSequenceClassification if classifier else AutoModel
+    state = _remap(loader.from_pretrained(path).state_dict(), model_type, classifier)
+    model = cls(cfg)
+    if model_type == "bert":
+        key = ("ibert." if classifier else "") + "embeddings.position_embeddings.weight"
+        lead = torch.zeros(cfg.pad_token_id + 1, state[key].shape[1], dtype=state[key].dtype)
+        state[key] = torch.cat([lead, state[key]])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not is_quant_buffer(model, k)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors do not map onto IBert (missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model.eval()
 
 
