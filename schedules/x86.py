@@ -64,6 +64,7 @@ def _gemm(sch: s_tir.Schedule, vnni: bool, tiles: Tiles | None) -> bool:
     oj0, oj1 = sch.split(oj, [None, nb * LANES])
     sch.reorder(oi0, oj0, oi1, oj1)
     sch.compute_at(c, oj0)
+    sch.set_scope(c, 0, "local")  # the accumulator shrinks to one register tile per iteration
     own = sch.get_loops(c)[len(bl) + 2 :]  # a one-row tile has no row loop of its own
     rows, a1, a2 = ([None] if len(own) == 2 else own[:1]) + own[-2:]
     a10, a11 = sch.split(a1, [nb, LANES])
