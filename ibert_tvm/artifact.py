@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -37,18 +38,18 @@ def check_writable(out: Path, force: bool) -> None:
     """Fail before any heavy work if `out` cannot be (re)placed."""
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryDirectory(dir=parent).cleanup()
-    except OSError as err:
-        raise PermissionError(f"cannot write the artifact under {parent}: {err.strerror or err}") from err
+    existing = out.resolve().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write the artifact {out}: {existing} is not a writable folder")
 
 
 def write(out: Path, fill: Callable[[Path], dict[str, Any]], force: bool = False) -> Path:
     """Create the artifact via `fill(tmpdir) -> manifest fields`, hash every file, rename into place."""
     out = Path(out)
     check_writable(out, force)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
     try:
         manifest = {"format_version": FORMAT_VERSION, **fill(tmp)}

@@ -45,13 +45,14 @@ def default_calibration_texts(n: int = 256) -> list[str]:
     return [text for _, text in rows[::step][:n]]
 
 
-def tokenizer_batches(tokenizer_file: Path, texts: list[str], batch: int, max_len: int) -> list[dict[str, Any]]:
+def tokenizer_batches(tokenizer_file: Path, texts: list[str], batch: int, max_len: int, pad_id: int) -> list[dict[str, Any]]:
+    """Calibration batches, padded with the model's pad id (IBert positions count non-pad ids)."""
     import torch
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_file))
     tok.enable_truncation(max_len)
-    tok.enable_padding(pad_id=tok.token_to_id("[PAD]") or 0)
+    tok.enable_padding(pad_id=pad_id)
     out = []
     for i in range(0, len(texts), batch):
         enc = tok.encode_batch(texts[i : i + batch])
@@ -81,7 +82,8 @@ def integer_program(opt: CompileOptions) -> tuple["IntProgram", Path]:  # noqa: 
             raise ValueError("calibration text is empty")
         if not tok_file.exists():
             raise FileNotFoundError(f"{path} has no tokenizer.json to tokenize calibration text with")
-        calibrate(model, tokenizer_batches(tok_file, texts, opt.calib_batch, opt.seq_len), progress=opt.progress)
+        batches = tokenizer_batches(tok_file, texts, opt.calib_batch, opt.seq_len, model.config.pad_token_id)
+        calibrate(model, batches, progress=opt.progress)
     elif not checkpoint.is_calibrated(model):
         raise ValueError(f"{path} is not calibrated (no activation ranges): give calibration text (--calib-texts FILE)")
     return convert(model), path

@@ -206,7 +206,7 @@ class IntProgram:
 
 
 def iter_arrays(obj: Any, prefix: str = "") -> list[tuple[str, np.ndarray]]:
-    """Every array of the program with a dotted name: used for hashing and the float-free check."""
+    """Every array of the program with a dotted name (all integer but the output `logit_scale`)."""
     out: list[tuple[str, np.ndarray]] = []
     if isinstance(obj, np.ndarray):
         out.append((prefix, obj))

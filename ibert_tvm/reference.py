@@ -32,14 +32,15 @@ def linear(x: np.ndarray, lin: Linear) -> np.ndarray:
 
 def isqrt(n: np.ndarray) -> np.ndarray:
     """Integer Newton square root (paper, Algorithm 4): floor(sqrt(n)) for n >= 0."""
-    n = n.astype(I64)
+    zero = n == 0
+    n = np.maximum(n.astype(I64), 1)  # as the kernel: no division by a zero estimate
     bits = np.array([int(v).bit_length() for v in n.ravel()], I64).reshape(n.shape)
     x = I64(1) << ((bits + 1) // 2)
     while True:
         nxt = (x + n // x) // 2
         done = nxt >= x
         if done.all():
-            return np.where(n == 0, 0, x)
+            return np.where(zero, 0, x)
         x = np.where(done, x, nxt)
 
 

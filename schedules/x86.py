@@ -71,12 +71,12 @@ def _gemm(sch: s_tir.Schedule, vnni: bool, tiles: Tiles | None) -> bool:
     k0, k1 = sch.split(a2, [None, GROUP])
     sch.reorder(*[l for l in (k0, rows, a10, a11, k1) if l is not None])
     sch.parallel(sch.fuse(*bl, oi0, oj0))
+    if not vnni:  # LLVM vectorizes the 16 lanes; must precede decompose_reduction
+        sch.reorder(k1, a11)
+        sch.vectorize(a11)
     init = sch.decompose_reduction(c, k0)
     if vnni:
         sch.tensorize(a11, VNNI_INTRIN)
-    else:
-        sch.reorder(k1, a11)
-        sch.vectorize(a11)
     for loop in (rows, a10):
         if loop is not None:
             sch.unroll(loop)

@@ -41,7 +41,7 @@ def main() -> None:
     held_out = [t for _, t in movie_sentences()[1::37] if t not in set(calib)][: a.sentences]
 
     model = checkpoint.load(path)
-    calibrate(model, tokenizer_batches(path / "tokenizer.json", calib, 32, a.seq_len), progress=False)
+    calibrate(model, tokenizer_batches(path / "tokenizer.json", calib, 32, a.seq_len, model.config.pad_token_id), progress=False)
     program = convert(model)
     out = Path(f"artifacts/accuracy-default-{a.seq_len}")
     compile_model(CompileOptions(model="default", batch=8, seq_len=a.seq_len, out=out, force=True, progress=False))

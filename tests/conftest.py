@@ -1,0 +1,174 @@
+"""Shared fixtures: tiny random I-BERT models, a word-level tokenizer, compiled artifacts.
+
+Everything expensive (calibration, TVM compilation) is cached for the whole test session.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PAD = 0  # "[PAD]" in the test tokenizer, and the models' pad_token_id
+VOCAB = 128
+MAX_POSITIONS = 64
+WORDS = (
+    "the a film movie plot actor story is was good bad great dull funny long short and but not very "
+    "it this that of to with best worst boring moving beautiful flat scene end music i you we they"
+).split()
+CALIB_TEXTS = [
+    "the film was good and the music was great",
+    "a dull plot with the worst actor",
+    "this movie is not very funny but the end is moving",
+    "we liked the story",
+    "they said it was a boring and flat scene",
+    "beautiful music",
+]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (still runs by default)")
+
+
+@dataclass(frozen=True)
+class Spec:
+    hidden: int = 32
+    heads: int = 2
+    layers: int = 1
+    inter: int = 64
+
+
+def random_inputs(rng: np.random.Generator, batch: int, seq: int, pads: list[int] | None = None):
+    """int32 ids/mask [batch, seq]; row i ends in pads[i] pad tokens with mask 0."""
+    ids = rng.integers(PAD + 1, VOCAB, (batch, seq)).astype(np.int32)
+    mask = np.ones_like(ids)
+    pads = pads if pads is not None else [(i * 5) % seq for i in range(batch)]
+    for i, n in enumerate(pads):
+        if n:
+            ids[i, seq - n :] = PAD
+            mask[i, seq - n :] = 0
+    return ids, mask
+
+
+def ibert_config(spec: Spec, num_labels: int = 3):
+    from transformers import IBertConfig
+
+    return IBertConfig(
+        vocab_size=VOCAB, hidden_size=spec.hidden, num_attention_heads=spec.heads,
+        num_hidden_layers=spec.layers, intermediate_size=spec.inter, max_position_embeddings=MAX_POSITIONS,
+        pad_token_id=PAD, num_labels=num_labels, quant_mode=True,
+    )
+
+
+def new_model(kind: str, spec: Spec, seed: int = 0):
+    import torch
+    from transformers import IBertForSequenceClassification, IBertModel
+
+    torch.manual_seed(seed)
+    cls = {"IBertModel": IBertModel, "IBertForSequenceClassification": IBertForSequenceClassification}[kind]
+    return cls(ibert_config(spec)).eval()
+
+
+@functools.cache
+def calibrated(kind: str, spec: Spec, seed: int = 0):
+    """(calibrated torch model, its IntProgram); cached for the session."""
+    import torch
+
+    from ibert_tvm.calibrate import calibrate
+    from ibert_tvm.importer import convert
+
+    model = new_model(kind, spec, seed)
+    rng = np.random.default_rng(seed + 100)
+    batches = []
+    for _ in range(3):
+        ids, mask = random_inputs(rng, 4, 24, pads=[0, 7, 0, 15])
+        batches.append({"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)})
+    calibrate(model, batches, progress=False)
+    return model, convert(model)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """`tiny(kind, spec, seed=0) -> (model, program)`, calibrated, cached."""
+    return calibrated
+
+
+def build_tokenizer(vocab_size: int = VOCAB):
+    """Word-level tokenizer: [PAD]=0, [UNK]=1, WORDS, then fillers up to `vocab_size` entries."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    names = ["[PAD]", "[UNK]", *WORDS]
+    names += [f"tok{i}" for i in range(vocab_size - len(names))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert tok.get_vocab_size() == vocab_size and tok.token_to_id("[PAD]") == PAD
+    return tok
+
+
+def save_checkpoint(path: Path, kind: str, spec: Spec = Spec(), calibrate: bool = False) -> Path:
+    """A transformers checkpoint dir (uncalibrated unless asked) with a tokenizer.json."""
+    model = calibrated(kind, spec)[0] if calibrate else new_model(kind, spec)
+    model.save_pretrained(path)
+    build_tokenizer().save(str(path / "tokenizer.json"))
+    return path
+
+
+def compile_capturing(opt):
+    """compile_model(opt), also returning the IntProgram it compiled (spied from importer.convert)."""
+    from ibert_tvm import importer
+    from ibert_tvm.compile import compile_model
+
+    seen = []
+    real = importer.convert
+
+    def spy(model):
+        seen.append(real(model))
+        return seen[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(importer, "convert", spy)
+        path = compile_model(opt)
+    return path, seen[-1]
+
+
+@dataclass
+class Artifact:
+    kind: str
+    checkpoint: Path
+    path: Path
+    program: object  # IntProgram
+
+
+KINDS = ("IBertModel", "IBertForSequenceClassification")
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> dict[str, Artifact]:
+    """One uncalibrated tiny checkpoint per model kind, compiled (with calibration text) at 2 x 16."""
+    from ibert_tvm.compile import CompileOptions
+
+    root = tmp_path_factory.mktemp("artifacts")
+    out = {}
+    for kind in KINDS:
+        ckpt = save_checkpoint(root / f"ckpt-{kind}", kind)
+        opt = CompileOptions(model=str(ckpt), target="host", batch=2, seq_len=16, out=root / f"art-{kind}",
+                             calib_texts=CALIB_TEXTS, progress=False)
+        path, program = compile_capturing(opt)
+        out[kind] = Artifact(kind, ckpt, path, program)
+    return out
+
+
+@pytest.fixture(scope="session")
+def artifact(artifacts) -> Artifact:
+    """The IBertModel (hidden states + pooler) artifact."""
+    return artifacts["IBertModel"]
+
+
+@pytest.fixture(params=KINDS)
+def any_artifact(request, artifacts) -> Artifact:
+    return artifacts[request.param]

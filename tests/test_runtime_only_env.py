@@ -1,0 +1,135 @@
+"""A deployed artifact runs with the base install alone: no torch, no transformers.
+
+A virtualenv with only `[project].dependencies` of pyproject.toml plus the project (--no-deps) is
+cached under ~/.cache/ibert-tvm/ (keyed by pyproject.toml; the project is reinstalled whenever its
+sources change). Skipped only when pip cannot reach a package index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, random_inputs
+
+PACKAGES = ("ibert_tvm", "relay_ops", "schedules")
+NO_INDEX = ("NewConnectionError", "Temporary failure in name resolution", "Network is unreachable",
+            "Max retries exceeded", "ConnectTimeout", "ProxyError")
+
+pytestmark = pytest.mark.slow
+
+PROBE = r'''
+import importlib, json, sys
+import numpy as np
+for name in ("torch", "transformers"):
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+    else:
+        sys.exit(f"{name} is importable in the runtime-only environment")
+import ibert_tvm
+from ibert_tvm.runner import Runner
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+assert not leaked, leaked
+artifact, inputs, out = sys.argv[1:4]
+d = np.load(inputs)
+r = Runner(artifact)
+res = r.run_integer(d["ids"], d["mask"])
+if "last_hidden_state" in res:
+    res["embed"] = r.embed(["the film was good", "a dull plot"])
+np.savez(out, **{k: v for k, v in res.items() if k != "scales"})
+print(json.dumps({"package": ibert_tvm.__file__}))
+'''
+
+
+def digest(paths) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(str(p.relative_to(REPO)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def pip(python: Path, *args: str) -> None:
+    res = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args],
+                         capture_output=True, text=True, env=clean_env())
+    if res.returncode:
+        if any(s in res.stderr for s in NO_INDEX):
+            pytest.skip(f"pip cannot reach a package index: {res.stderr[-300:]}")
+        pytest.fail(f"pip install {' '.join(args)} failed:\n{res.stderr[-3000:]}")
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    return {**env, "PYTHONNOUSERSITE": "1"}
+
+
+@pytest.fixture(scope="session")
+def runtime_python(tmp_path_factory) -> Path:
+    pyproject = REPO / "pyproject.toml"
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    cache = Path(os.environ.get("IBERT_TVM_CACHE", Path.home() / ".cache" / "ibert-tvm"))
+    venv = cache / f"runtime-venv-{digest([pyproject])}"
+    python = venv / "bin" / "python"
+    if not (venv / ".deps-ok").exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip(python, *deps)
+        (venv / ".deps-ok").write_text("\n".join(deps))
+    sources = [pyproject, *(p for pkg in PACKAGES for p in (REPO / pkg).rglob("*") if p.is_file() and "__pycache__" not in p.parts)]
+    stamp = venv / f".project-{digest(sources)}"
+    if not stamp.exists():
+        # install from a copy so that building the wheel writes nothing into the repository
+        src = tmp_path_factory.mktemp("project-src")
+        for p in sources:
+            (src / p.relative_to(REPO)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, src / p.relative_to(REPO))
+        if (REPO / "README.md").exists():
+            shutil.copyfile(REPO / "README.md", src / "README.md")
+        pip(python, "--no-deps", "--force-reinstall", str(src))
+        for old in venv.glob(".project-*"):
+            old.unlink()
+        stamp.touch()
+    return python
+
+
+def test_runner_without_torch_matches_full_env(runtime_python, artifacts, tmp_path):
+    for kind, a in artifacts.items():
+        ids, mask = random_inputs(np.random.default_rng(3), 3, 11, pads=[0, 4, 10])
+        np.savez(tmp_path / "in.npz", ids=ids, mask=mask)
+        (tmp_path / "probe.py").write_text(PROBE)
+        res = subprocess.run(
+            [str(runtime_python), str(tmp_path / "probe.py"), str(a.path), str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+            capture_output=True, text=True, cwd=tmp_path, env=clean_env(),
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert not json.loads(res.stdout.splitlines()[-1])["package"].startswith(str(REPO))
+        isolated = np.load(tmp_path / "out.npz")
+        from ibert_tvm.runner import Runner
+
+        here = Runner(a.path).run_integer(ids, mask)
+        for name in a.program.outputs:
+            assert isolated[name].dtype == here[name].dtype
+            np.testing.assert_array_equal(isolated[name], here[name], err_msg=f"{kind} {name}")
+        if kind == "IBertModel":
+            np.testing.assert_array_equal(isolated["embed"], Runner(a.path).embed(["the film was good", "a dull plot"]))
+
+
+def test_cli_entry_point_runs_without_torch(runtime_python, artifact, capsys):
+    from ibert_tvm import cli
+
+    exe = runtime_python.parent / "ibert-tvm"
+    res = subprocess.run([str(exe), "run", str(artifact.path), "the film was good", "--json"],
+                         capture_output=True, text=True, env=clean_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert cli.main(["run", str(artifact.path), "the film was good", "--json"]) == 0
+    assert json.loads(res.stdout) == json.loads(capsys.readouterr().out)
