@@ -45,6 +45,9 @@ def schedule(func: tirx.PrimFunc, vnni: bool, tiles: Tiles | None = None) -> tir
     if func.attrs["ibert.kind"] == "gemm" and _gemm(sch, vnni, tiles):
         return sch.mod["main"]
     sch = s_tir.Schedule(func)
+    if func.attrs["ibert.kind"] == "rowwise" and _rowwise(sch):
+        return sch.mod["main"]
+    sch = s_tir.Schedule(func)
     _generic(sch)
     return sch.mod["main"]
 
@@ -103,6 +106,28 @@ def _parallel_vector(sch: s_tir.Schedule, blk) -> None:
             sch.vectorize(sch.split(last, [None, LANES])[1])
     elif lead:
         sch.parallel(sch.fuse(*loops[:lead]) if lead > 1 else loops[0])
+
+
+def _rowwise(sch: s_tir.Schedule) -> bool:
+    """Row-wise kernels (LayerNorm, softmax, embeddings): every stage computed row by row under
+    the output's parallel row loop, so a row's statistics and values stay in L1."""
+    *stages, out = sch.get_child_blocks(sch.get_sblock("root"))
+    loops = sch.get_loops(out)
+    if len(loops) < 2:
+        return False
+    row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    try:
+        for blk in reversed(stages):
+            sch.compute_at(blk, row, preserve_unit_loops=False)
+    except s_tir.ScheduleError:
+        return False
+    sch.parallel(row)
+    for blk in [*stages, out]:
+        kinds = [iv.iter_type for iv in sch.get(blk).iter_vars]
+        inner = sch.get_loops(blk)[1:]
+        if inner and all(t == 0 for t in kinds) and int(sch.get(inner[-1]).extent) % LANES == 0:
+            sch.vectorize(sch.split(inner[-1], [None, LANES])[1])
+    return True
 
 
 def _generic(sch: s_tir.Schedule) -> None:

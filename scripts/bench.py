@@ -3,8 +3,9 @@
     .venv/bin/python scripts/bench.py [--shapes 1x128 8x128] [--rounds 7] [--png bench.png]
 
 Both systems run interleaved in blocks (so machine drift hits them alike) on the default model;
-the table reports medians and the speed-up over FP32. Prints markdown; writes a PNG if
-matplotlib is installed.
+the table reports medians and the speed-up over FP32. Between blocks the process sleeps
+briefly: TVM's and OpenMP's worker threads spin after a call, and on 2 cores a spinning pool
+starves the other system's threads. Prints markdown; writes a PNG if matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import torch
 from ibert_tvm.compile import CompileOptions, compile_model
 from ibert_tvm.fp32 import fp32_model
 from ibert_tvm.runner import Runner
+
+
+SETTLE_S = 0.2
 
 
 def timed(fn, reps: int) -> list[float]:
@@ -60,6 +64,7 @@ def main() -> None:
                 f()  # warm-up
             for _ in range(a.rounds):
                 for k, f in systems.items():
+                    time.sleep(SETTLE_S)
                     times[k] += timed(f, a.reps)
         base = np.median(times["PyTorch FP32 eager"])
         for k, v in times.items():
