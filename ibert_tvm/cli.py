@@ -46,7 +46,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from .runner import Runner
+    from .runner import Runner, mean_pool
 
     r = Runner(a.artifact)
     ids, mask = r.encode(a.texts, truncate=a.truncate)
@@ -60,9 +60,8 @@ def cmd_run(a: argparse.Namespace) -> int:
             item["label"] = labels[int(np.argmax(logits))] if labels else int(np.argmax(logits))
             item["logits"] = [round(float(v), 5) for v in logits]
         else:
-            item["embedding_norm"] = float(np.linalg.norm(out["last_hidden_state"][i][mask[i] == 1].mean(0)))
-            if "pooler_output" in out:
-                item["pooler_output_head"] = [round(float(v), 4) for v in out["pooler_output"][i][:4]]
+            emb = mean_pool(out["last_hidden_state"][i : i + 1], mask[i : i + 1])[0]
+            item["embedding"] = [round(float(v), 4) for v in (emb if a.json else emb[:6])]
         result.append(item)
     if a.json:
         print(json.dumps(result, indent=2))

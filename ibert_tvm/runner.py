@@ -120,7 +120,11 @@ class Runner:
     def embed(self, texts: list[str] | str, truncate: bool = False) -> np.ndarray:
         """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' pooling)."""
         ids, mask = self.encode(texts, truncate)
-        hidden = self.run(ids, mask)["last_hidden_state"]
-        m = mask[..., None].astype(np.float32)
-        pooled = (hidden * m).sum(1) / np.maximum(m.sum(1), 1)
-        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        return mean_pool(self.run(ids, mask)["last_hidden_state"], mask)
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Average of the real tokens' vectors, L2-normalised."""
+    m = mask[..., None].astype(np.float32)
+    pooled = (hidden * m).sum(1) / np.maximum(m.sum(1), 1)
+    return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
