@@ -46,7 +46,7 @@ class Consts:
 def make_kernel(name: str, kind: str, inputs: list[te.Tensor], out: te.Tensor, consts: Consts) -> Kernel:
     func = te.create_prim_func([*inputs, *consts.tensors, out])
     func = func.with_attr({"global_symbol": name, "ibert.kind": kind})
-    return Kernel(name, func, consts.arrays, tuple(int(s) for s in out.shape), out.dtype)
+    return Kernel(name, func, consts.arrays, tuple(int(s) for s in out.shape), str(out.dtype))
 
 
 def clamp(x: tvm.ir.expr.Expr, lo: int | None, hi: int | None) -> tvm.ir.expr.Expr:
@@ -75,16 +75,30 @@ def chain(x: tvm.ir.expr.Expr, rqs: list[Requant], consts: Consts, ch: tvm.ir.ex
     return x
 
 
+def reciprocal(d: int, n_max: int) -> tuple[int, int]:
+    """(M, S) with n * M >> S == n // d for every 0 <= n <= n_max.
+
+    With 2**S > n_max * d and M = ceil(2**S / d), the rounding error n * (M * d - 2**S) / 2**S
+    stays below 1 for every n <= n_max, so the floor never moves.
+    """
+    shift = (n_max * d).bit_length()
+    m = -(-(1 << shift) // d)
+    if (n_max * m).bit_length() > 62:
+        raise ValueError(f"no int64 multiply-shift reciprocal of {d} up to {n_max}")
+    return m, shift
+
+
 def iexp(x: tvm.ir.expr.Expr, ie: IExp) -> tvm.ir.expr.Expr:
     """i-exp of x <= 0 requantized by ie.out; the shift grows by q and past 62 bits gives 0.
 
-    The division by x0 runs in int32 (x is clamped to 30 * x0, well inside int32), where LLVM
-    vectorizes division by a constant; only the polynomial and the product need int64.
+    q = floor(x / x0) is (-x) // |x0| on the clamped range, computed as a multiply-shift
+    (vector division by a constant lowers to scalar branches).
     """
-    x32 = tirx.max(x.astype("int32"), tirx.const(30 * ie.x0, "int32"))
-    q32 = tirx.floordiv(x32, tirx.const(ie.x0, "int32"))
-    r = (x32 - tirx.const(ie.x0, "int32") * q32).astype(I64)
-    q = q32.astype(I64)
+    lim = 30 * -ie.x0
+    n = tirx.min(-x.astype(I64), c64(lim))
+    m, s = reciprocal(-ie.x0, lim)
+    q = (n * c64(m)) >> c64(s)
+    r = c64(-ie.x0) * q - n  # x - x0 * q with x = -n: in (x0, 0]
     z = (r + c64(ie.b)) * r + c64(ie.c)
     shift = c64(ie.out.e) + q
     y = rshift_round(z * c64(ie.out.m), tirx.min(shift, c64(62)))

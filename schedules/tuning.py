@@ -56,5 +56,6 @@ def tune(mod: tvm.IRModule, cpu: str, target: tvm.target.Target, vnni: bool, fol
         records[k] = list(min(timings)[1])
     if todo:
         folder.mkdir(parents=True, exist_ok=True)
-        record_file(cpu, folder).write_text(json.dumps(dict(sorted(records.items())), indent=1) + "\n")
+        lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(records.items())]
+        record_file(cpu, folder).write_text("{\n" + ",\n".join(lines) + "\n}\n")
     return records

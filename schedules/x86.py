@@ -110,7 +110,14 @@ def _parallel_vector(sch: s_tir.Schedule, blk) -> None:
 
 def _rowwise(sch: s_tir.Schedule) -> bool:
     """Row-wise kernels (LayerNorm, softmax, embeddings): every stage computed row by row under
-    the output's parallel row loop, so a row's statistics and values stay in L1."""
+    the output's parallel row loop, so a row's statistics and values stay in L1. Row reductions
+    are split into 16 vector lanes of partial results (rfactor) and a 16-element final step."""
+    for blk in sch.get_child_blocks(sch.get_sblock("root"))[:-1]:
+        kinds = [iv.iter_type for iv in sch.get(blk).iter_vars]
+        last = sch.get_loops(blk)[-1]
+        extent = int(sch.get(last).extent)
+        if kinds[-1] == 2 and all(k == 0 for k in kinds[:-1]) and extent % LANES == 0 and extent > LANES:
+            sch.rfactor(sch.split(last, [None, LANES])[1], factor_axis=len(kinds) - 1)
     *stages, out = sch.get_child_blocks(sch.get_sblock("root"))
     loops = sch.get_loops(out)
     if len(loops) < 2:
@@ -125,7 +132,13 @@ def _rowwise(sch: s_tir.Schedule) -> bool:
     for blk in [*stages, out]:
         kinds = [iv.iter_type for iv in sch.get(blk).iter_vars]
         inner = sch.get_loops(blk)[1:]
-        if inner and all(t == 0 for t in kinds) and int(sch.get(inner[-1]).extent) % LANES == 0:
+        if sch.get(blk).name_hint.endswith("_rf"):
+            lanes, steps = inner
+            sch.reorder(steps, lanes)
+            sch.vectorize(lanes)  # before decompose_reduction, which TVM requires
+            init = sch.decompose_reduction(blk, steps)
+            sch.vectorize(sch.get_loops(init)[-1])
+        elif inner and all(t == 0 for t in kinds) and int(sch.get(inner[-1]).extent) % LANES == 0:
             sch.vectorize(sch.split(inner[-1], [None, LANES])[1])
     return True
 

@@ -2,36 +2,85 @@
 
     .venv/bin/python scripts/bench.py [--shapes 1x128 8x128] [--rounds 7] [--png bench.png]
 
-Both systems run interleaved in blocks (so machine drift hits them alike) on the default model;
-the table reports medians and the speed-up over FP32. Between blocks the process sleeps
-briefly: TVM's and OpenMP's worker threads spin after a call, and on 2 cores a spinning pool
-starves the other system's threads. Prints markdown; writes a PNG if matplotlib is installed.
+Each system lives in its own worker process (as in a deployment: one runtime per process; in a
+shared process, PyTorch's OpenMP pool and TVM's thread pool slow each other down for seconds),
+and the parent runs them in interleaved blocks, one at a time, so machine drift hits all alike.
+The table reports medians and the speed-up over PyTorch FP32; a PNG if matplotlib is installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-
-from ibert_tvm.compile import CompileOptions, compile_model
-from ibert_tvm.fp32 import fp32_model
-from ibert_tvm.runner import Runner
 
 
-SETTLE_S = 0.2
+def _system(name: str, batch: int, seq: int, threads: int):
+    """Build one system in its worker; returns a zero-argument callable that runs one forward."""
+    ids = np.random.default_rng(0).integers(1000, 20000, (batch, seq)).astype(np.int32)
+    mask = np.ones_like(ids)
+    if name == "ibert-tvm INT8":
+        from ibert_tvm.compile import CompileOptions, compile_model
+        from ibert_tvm.runner import Runner
+
+        out = Path(f"artifacts/bench-default-{batch}x{seq}")
+        if not (out / "manifest.json").exists():
+            compile_model(CompileOptions(model="default", batch=batch, seq_len=seq, out=out, force=True))
+        r = Runner(out)
+        return lambda: r.run_integer(ids, mask)
+    import torch
+
+    from ibert_tvm.fp32 import fp32_model
+
+    torch.set_num_threads(threads)
+    model = fp32_model("default", "IBertModel")
+    ti, tm = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+    def run():
+        with torch.no_grad():
+            model(input_ids=ti, attention_mask=tm)
+
+    return run
 
 
-def timed(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+def _worker(conn, name: str, batch: int, seq: int, threads: int) -> None:
+    fn = _system(name, batch, seq, threads)
+    fn()  # warm-up
+    conn.send("ready")
+    while (reps := conn.recv()) > 0:
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        conn.send(times)
+
+
+SYSTEMS = ("ibert-tvm INT8", "PyTorch FP32 eager")
+
+
+def measure(batch: int, seq: int, rounds: int, reps: int, threads: int) -> dict[str, list[float]]:
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for name in SYSTEMS:  # started one after the other: compiling and loading would skew the other
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(child, name, batch, seq, threads))
+        proc.start()
+        if parent.recv() != "ready":
+            raise RuntimeError(f"{name} worker failed")
+        workers[name] = (parent, proc)
+    times: dict[str, list[float]] = {k: [] for k in SYSTEMS}
+    for _ in range(rounds):
+        for name, (conn, _) in workers.items():
+            conn.send(reps)
+            times[name] += conn.recv()
+    for conn, proc in workers.values():
+        conn.send(0)
+        proc.join()
+    return times
 
 
 def main() -> None:
@@ -42,36 +91,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--png", default="artifacts/bench.png")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    fp32 = fp32_model("default", "IBertModel")
     rows = []
     for shape in a.shapes:
         b, s = map(int, shape.split("x"))
-        out = Path(f"artifacts/bench-default-{b}x{s}")
-        if not (out / "manifest.json").exists():
-            compile_model(CompileOptions(model="default", batch=b, seq_len=s, out=out, force=True))
-        r = Runner(out)
-        ids = np.random.default_rng(0).integers(1000, 20000, (b, s)).astype(np.int32)
-        mask = np.ones_like(ids)
-        ti, tm = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
-        systems = {
-            "ibert-tvm INT8": lambda: r.run_integer(ids, mask),
-            "PyTorch FP32 eager": lambda: fp32(input_ids=ti, attention_mask=tm),
-        }
-        times: dict[str, list[float]] = {k: [] for k in systems}
-        with torch.no_grad():
-            for f in systems.values():
-                f()  # warm-up
-            for _ in range(a.rounds):
-                for k, f in systems.items():
-                    time.sleep(SETTLE_S)
-                    times[k] += timed(f, a.reps)
+        times = measure(b, s, a.rounds, a.reps, a.threads)
         base = np.median(times["PyTorch FP32 eager"])
-        for k, v in times.items():
-            rows.append((f"MiniLM-L6 {b}x{s}", k, np.median(v) * 1e3, base / np.median(v)))
-    print(f"| model, batch x seq | system | median ms | speed-up vs PyTorch FP32 |\n|---|---|---|---|")
+        rows += [(f"MiniLM-L6 {b}x{s}", k, np.median(v) * 1e3, base / np.median(v)) for k, v in times.items()]
+    print("| model, batch x seq | system | median ms | speed-up vs PyTorch FP32 |\n|---|---|---|---|")
     for shape, k, ms, sp in rows:
         print(f"| {shape} | {k} | {ms:.2f} | {sp:.2f}x |")
+    plot(rows, a.png)
+
+
+def plot(rows: list[tuple], png: str) -> None:
     try:
         import matplotlib
 
@@ -79,18 +111,18 @@ def main() -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    labels = sorted({r[0] for r in rows})
+    labels = list(dict.fromkeys(r[0] for r in rows))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for i, k in enumerate(dict.fromkeys(r[1] for r in rows)):
+    for i, k in enumerate(SYSTEMS):
         vals = [next(r[2] for r in rows if r[0] == lab and r[1] == k) for lab in labels]
         ax.bar(np.arange(len(labels)) + i * 0.4, vals, 0.4, label=k)
     ax.set_xticks(np.arange(len(labels)) + 0.2, labels)
     ax.set_ylabel("median latency (ms)")
     ax.legend()
     fig.tight_layout()
-    Path(a.png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(a.png, dpi=120)
-    print(f"\nplot: {a.png}")
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    print(f"\nplot: {png}")
 
 
 if __name__ == "__main__":

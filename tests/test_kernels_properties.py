@@ -127,3 +127,13 @@ def test_dyadic_per_channel_matches_scalar():
 def test_dyadic_rejects_bounds_that_leave_too_few_bits():
     with pytest.raises(ValueError, match="mantissa bits"):
         dyadic(0.5, 2**56)
+
+
+@settings(max_examples=300, deadline=None)
+@given(d=st.integers(1, 2**24), n_max=st.integers(0, 2**30), data=st.data())
+def test_reciprocal_is_exact_division(d, n_max, data):
+    from relay_ops.common import reciprocal
+
+    m, s = reciprocal(d, n_max)
+    ns = data.draw(st.lists(st.integers(0, n_max), min_size=1, max_size=50)) + [n_max, n_max - n_max % d, 0]
+    assert all((n * m) >> s == n // d for n in ns)

@@ -1,0 +1,58 @@
+"""i-softmax and integer tanh: TVM kernels vs the NumPy reference over their whole input range,
+and the integer approximations' error against the real functions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+
+from ibert_tvm import reference, targets
+from ibert_tvm.importer import EXP_CONST, iexp, tanh_of
+from ibert_tvm.program import INT16, Linear, Softmax
+from relay_ops.attention import softmax_kernel
+from relay_ops.linear import linear_kernel, tanh_epilogue
+from schedules import x86
+
+
+def run_kernel(kernel, *inputs: np.ndarray) -> np.ndarray:
+    func = x86.schedule(kernel.func, targets.has_vnni(targets.get("host")))
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), targets.tvm_target(targets.get("host")))
+    out = tvm.runtime.tensor(np.zeros(kernel.out_shape, kernel.out_dtype))
+    lib["main"](*[tvm.runtime.tensor(a) for a in (*inputs, *kernel.consts)], out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("scale", [3e-2, 1e-3, 4e-5])
+def test_softmax_kernel_matches_reference_across_exp_intervals(scale):
+    """Scores span ~40 multiples of ln2 below the row max, so every i-exp interval q is hit."""
+    x0 = -0.6931 / scale
+    c = (1 / 0.35815147) / scale**2
+    sm = Softmax(exp=iexp(scale, 2.0**EXP_CONST / (c * 2.0**EXP_CONST / 32767), clamp=INT16))
+    rng = np.random.default_rng(1)
+    batch, heads, seq = 2, 3, 32
+    scores = rng.integers(int(40 * x0), 1, (batch, heads, seq, seq)).astype(np.int32)
+    mask = np.ones((batch, seq), np.int32)
+    mask[1, 20:] = 0
+    got = run_kernel(softmax_kernel("sm", sm, batch, heads, seq), scores, mask)
+    want = reference.softmax(scores, mask[:, None, None, :], sm)
+    assert (got == want).all()
+    assert (got[1, :, :, 20:] == 0).all()
+    real = np.exp((scores - scores.max(-1, keepdims=True)) * scale)
+    # 1/256 output steps plus the i-exp polynomial, whose integer constants are coarse at scale 0.03
+    assert np.abs(got[0] / 256 - real[0] / real[0].sum(-1, keepdims=True)).max() < 0.03
+
+
+def test_tanh_kernel_matches_reference_and_tanh():
+    n = 32
+    acc_scale = np.full(n, 6.0 / 127)  # int8 inputs cover [-6, 6]
+    lin = Linear(weight=np.eye(n, dtype=np.int8), bias=np.zeros(n, np.int32))
+    t = tanh_of(acc_scale, lin.acc_bound)
+    x = np.repeat(np.arange(-128, 128, dtype=np.int8)[:, None], n, axis=1)
+    got = run_kernel(linear_kernel("th", lin, x.shape[0], tanh_epilogue(t), "int8"), x)
+    want = reference.tanh(x.astype(np.int32), t)
+    assert (got == want).all()
+    err = got[:, 0] / 127 - np.tanh(x[:, 0] * acc_scale[0])
+    l2, linf = np.sqrt(np.mean(err**2)), np.abs(err).max()
+    print(f"integer tanh on [-6, 6]: L2 {l2:.4f}, Linf {linf:.4f}")
+    assert linf < 0.012 and l2 < 0.006
