@@ -24,6 +24,7 @@ INT22 = (-(2**21), 2**21 - 1)
 # Products fed to a requantization stay below 2**62 so that adding the rounding term cannot
 # overflow int64; the mantissa width of each requantization is chosen from its input bound.
 PRODUCT_BITS = 62
+SMALL_INPUT_BITS = 22
 
 
 @dataclass
@@ -34,20 +35,29 @@ class Requant:
     e: np.ndarray  # int64, every entry in [1, 62]
     lo: int | None = None
     hi: int | None = None
+    bound: int = 2**31  # largest |x| it is applied to
 
     @property
     def per_channel(self) -> bool:
         return self.m.ndim == 1
+
+    @property
+    def fits_int32(self) -> bool:
+        """x * m plus the rounding term stays inside int32: kernels may skip int64."""
+        top = self.bound * int(np.abs(self.m).max()) + (1 << (int(self.e.max()) - 1))
+        return top < 2**31
 
 
 def dyadic(ratio: Any, in_bound: int, clamp: tuple[int, int] | None = None) -> Requant:
     """Approximate ``x * ratio`` by ``x * m >> e`` for |x| <= in_bound, without int64 overflow.
 
     ``ratio`` may be signed (i-GELU's scale is negative). The mantissa keeps as many bits as the
-    input bound allows, at most 31 as in HF's ``batch_frexp``.
+    input bound allows, at most 31 as in HF's ``batch_frexp``; inputs of 8 bits get 22 bits, so
+    that the product fits int32 (relative error 2**-22, far below an int8 step).
     """
     r = np.asarray(ratio, dtype=np.float64)
-    bits = min(31, PRODUCT_BITS - 1 - max(1, int(in_bound)).bit_length())
+    width = max(1, int(in_bound)).bit_length()
+    bits = SMALL_INPUT_BITS if width <= 8 else min(31, PRODUCT_BITS - 1 - width)
     if bits < 8:
         raise ValueError(f"requantization input bound {in_bound} leaves only {bits} mantissa bits")
     mant, exp = np.frexp(np.abs(r))
@@ -61,7 +71,7 @@ def dyadic(ratio: Any, in_bound: int, clamp: tuple[int, int] | None = None) -> R
         raise ValueError(f"requantization ratio {r.max()} too large for a right shift")
     m = np.where(r < 0, -m, m)
     lo, hi = clamp if clamp else (None, None)
-    return Requant(m=m.astype(np.int64), e=e.astype(np.int64), lo=lo, hi=hi)
+    return Requant(m=m.astype(np.int64), e=e.astype(np.int64), lo=lo, hi=hi, bound=int(in_bound))
 
 
 @dataclass

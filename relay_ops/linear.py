@@ -64,9 +64,10 @@ def gelu_epilogue(g: Gelu) -> Epilogue:
     def f(acc, j, consts, extras, i):
         b, c, one = (consts.add(v, name)[j] for v, name in ((g.b, "gb"), (g.c, "gc"), (g.one, "g1")))
         x = acc.astype(I64)
-        sign = tirx.Select(x > c64(0), c64(1), tirx.Select(x < c64(0), c64(-1), c64(0)))
         a = tirx.min(tirx.abs(x), -b)
-        erf = (sign * ((a + b) * (a + b) + c)) >> c64(g.ERF_SHIFT)
+        v = (a + b) * (a + b) + c
+        # sign(x) * v as a select: at x == 0 the erf value is multiplied by x == 0 anyway
+        erf = tirx.Select(x < c64(0), -v, v) >> c64(g.ERF_SHIFT)
         return chain(x * (erf + one), g.out, consts, j)
     return f
 

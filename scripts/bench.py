@@ -51,6 +51,7 @@ def _worker(conn, name: str, batch: int, seq: int, threads: int) -> None:
     fn()  # warm-up
     conn.send("ready")
     while (reps := conn.recv()) > 0:
+        fn()  # untimed: the first call after an idle pause wakes threads and clocks
         times = []
         for _ in range(reps):
             t = time.perf_counter()
@@ -60,6 +61,7 @@ def _worker(conn, name: str, batch: int, seq: int, threads: int) -> None:
 
 
 SYSTEMS = ("ibert-tvm INT8", "PyTorch FP32 eager")
+SETTLE_S = 0.3
 
 
 def measure(batch: int, seq: int, rounds: int, reps: int, threads: int) -> dict[str, list[float]]:
@@ -75,6 +77,7 @@ def measure(batch: int, seq: int, rounds: int, reps: int, threads: int) -> dict[
     times: dict[str, list[float]] = {k: [] for k in SYSTEMS}
     for _ in range(rounds):
         for name, (conn, _) in workers.items():
+            time.sleep(SETTLE_S)  # the other worker's thread pool stops spinning first
             conn.send(reps)
             times[name] += conn.recv()
     for conn, proc in workers.values():
