@@ -98,11 +98,17 @@ def iexp(x: tvm.ir.expr.Expr, ie: IExp) -> tvm.ir.expr.Expr:
     (vector division by a constant lowers to scalar branches).
     """
     lim = 30 * -ie.x0
-    n = tirx.min(-x.astype(I64), c64(lim))
     m, s = reciprocal(-ie.x0, lim)
-    q = (n * c64(m)) >> c64(s)
-    r = c64(-ie.x0) * q - n  # x - x0 * q with x = -n: in (x0, 0]
-    z = (r + c64(ie.b)) * r + c64(ie.c)
+    # n, q, r and the polynomial run in int32 when their static bounds allow (most scales)
+    small = lim * m < 2**31 and ie.c + abs(ie.b) * -ie.x0 + ie.x0 * ie.x0 < 2**31
+    dt = "int32" if small else I64
+    k = lambda v: tirx.const(int(v), dt)  # noqa: E731
+    # clamped on both sides: masked softmax lanes carry garbage that a select later discards
+    n = tirx.min(tirx.max(-x.astype(I64), c64(0)), c64(lim)).astype(dt)
+    q = (n * k(m)) >> k(s)
+    r = k(-ie.x0) * q - n  # x - x0 * q with x = -n: in (x0, 0]
+    z = ((r + k(ie.b)) * r + k(ie.c)).astype(I64)
+    q = q.astype(I64)
     shift = c64(ie.out.e) + q
     y = rshift_round(z * c64(ie.out.m), tirx.min(shift, c64(62)))
     return clamp(tirx.Select(shift > c64(62), c64(0), y), ie.out.lo, ie.out.hi)
