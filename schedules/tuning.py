@@ -16,6 +16,8 @@ import numpy as np
 import tvm
 from tqdm import tqdm
 
+from relay_ops.gemm import packable
+
 from . import x86
 
 RECORDS = Path(__file__).parent / "records"
@@ -47,7 +49,7 @@ def tune(mod: tvm.IRModule, cpu: str, target: tvm.target.Target, vnni: bool, fol
     for gv, func in mod.functions.items():
         if isinstance(func, tvm.tirx.PrimFunc) and "ibert.kind" in func.attrs:
             shape = x86.gemm_shape(func)
-            if shape and x86.packable(shape[-2], shape[-1]) and key(gv.name_hint, shape) not in records:
+            if shape and packable(shape[-2], shape[-1]) and key(gv.name_hint, shape) not in records:
                 todo.setdefault(key(gv.name_hint, shape), (func, shape))
     rng = np.random.default_rng(0)
     for k, (func, shape) in tqdm(todo.items(), desc="tuning GEMM tiles", disable=not progress):

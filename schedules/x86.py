@@ -1,9 +1,9 @@
 """x86 schedules: VNNI-tensorized register tiles for INT8 GEMMs, parallel + vector loops elsewhere.
 
 GEMM kernels (`ibert.kind == "gemm"`, blocks A_u8 / C / O from `relay_ops.gemm`) are tiled MB rows
-x NB*16 columns; the accumulator tile is computed under the epilogue's tile loop, so the epilogue
-(requantization, GELU, residual) runs on data still in cache. With VNNI the inner 16x4 product
-is `vpdpbusd`; without, the same tile is left to LLVM's vectorizer.
+x NB*16 columns; the accumulator is a per-tile local buffer (registers) computed under the
+epilogue's tile loop, so the epilogue (requantization, GELU, residual) reads it straight back.
+With VNNI the inner 16x4 product is `vpdpbusd`; without, LLVM vectorizes the same tile.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from itertools import takewhile
 
 from tvm import s_tir, tirx
 
-from relay_ops.gemm import GROUP, LANES, packable  # noqa: F401 (packable re-exported for tuning)
+from relay_ops.gemm import GROUP, LANES, packable
 
 from .x86_intrin import VNNI_INTRIN
 
-ROW_TILES = (4, 2, 1)
-COL_TILES = (4, 3, 2, 1)
+# Without a tuning record: 8 x 2 (16 accumulators), what the tuner picks for most shapes here.
+ROW_TILES = (8, 4, 2, 1)
+COL_TILES = (2, 1)
 Tiles = tuple[int, int]  # (rows, 16-column groups) of one register tile
 
 
