@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -30,3 +32,29 @@ def calibrate(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]
     for m, p in dropouts.items():
         m.p = p
     return model.eval()
+
+
+def tokenizer_batches(tokenizer_file: Path, texts: list[str], batch: int, max_len: int, pad_id: int) -> list[dict[str, Any]]:
+    """Calibration batches, padded with the model's pad id (IBert positions count non-pad ids)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok.enable_truncation(max_len)
+    tok.enable_padding(pad_id=pad_id)
+    out = []
+    for i in range(0, len(texts), batch):
+        enc = tok.encode_batch(texts[i : i + batch])
+        out.append({
+            "input_ids": torch.tensor([e.ids for e in enc]),
+            "attention_mask": torch.tensor([e.attention_mask for e in enc]),
+        })
+    return out
+
+
+def calibrate_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer_file: Path, seq_len: int = 128,
+                    batch_size: int = 32, progress: bool = True) -> torch.nn.Module:
+    """`calibrate` on raw text, tokenized with the checkpoint's `tokenizer.json`."""
+    if not any(t.strip() for t in texts):
+        raise ValueError("calibration text is empty")
+    batches = tokenizer_batches(tokenizer_file, list(texts), batch_size, seq_len, model.config.pad_token_id)
+    return calibrate(model, batches, progress=progress)

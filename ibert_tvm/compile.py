@@ -45,28 +45,10 @@ def default_calibration_texts(n: int = 256) -> list[str]:
     return [text for _, text in rows[::step][:n]]
 
 
-def tokenizer_batches(tokenizer_file: Path, texts: list[str], batch: int, max_len: int, pad_id: int) -> list[dict[str, Any]]:
-    """Calibration batches, padded with the model's pad id (IBert positions count non-pad ids)."""
-    import torch
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_file))
-    tok.enable_truncation(max_len)
-    tok.enable_padding(pad_id=pad_id)
-    out = []
-    for i in range(0, len(texts), batch):
-        enc = tok.encode_batch(texts[i : i + batch])
-        out.append({
-            "input_ids": torch.tensor([e.ids for e in enc]),
-            "attention_mask": torch.tensor([e.attention_mask for e in enc]),
-        })
-    return out
-
-
 def integer_program(opt: CompileOptions) -> tuple["IntProgram", Path]:  # noqa: F821
     """Checkpoint -> (calibrated) IBert -> integer program; returns it with the checkpoint path."""
     from . import checkpoint
-    from .calibrate import calibrate
+    from .calibrate import calibrate_texts
     from .importer import convert
 
     if opt.batch < 1 or opt.seq_len < 1:
@@ -78,12 +60,9 @@ def integer_program(opt: CompileOptions) -> tuple["IntProgram", Path]:  # noqa: 
     if texts is None and opt.model == checkpoint.DEFAULT_MODEL:
         texts = default_calibration_texts()
     if texts is not None:
-        if not any(t.strip() for t in texts):
-            raise ValueError("calibration text is empty")
         if not tok_file.exists():
             raise FileNotFoundError(f"{path} has no tokenizer.json to tokenize calibration text with")
-        batches = tokenizer_batches(tok_file, texts, opt.calib_batch, opt.seq_len, model.config.pad_token_id)
-        calibrate(model, batches, progress=opt.progress)
+        calibrate_texts(model, texts, tok_file, opt.seq_len, opt.calib_batch, progress=opt.progress)
     elif not checkpoint.is_calibrated(model):
         raise ValueError(f"{path} is not calibrated (no activation ranges): give calibration text (--calib-texts FILE)")
     return convert(model), path

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from ibert_tvm import checkpoint, reference
-from ibert_tvm.calibrate import calibrate
-from ibert_tvm.compile import CompileOptions, compile_model, default_calibration_texts, tokenizer_batches
+from ibert_tvm.calibrate import calibrate_texts
+from ibert_tvm.compile import CompileOptions, compile_model, default_calibration_texts
 from ibert_tvm.data import movie_sentences
 from ibert_tvm.fp32 import fp32_model
 from ibert_tvm.importer import convert
@@ -41,7 +41,7 @@ def main() -> None:
     held_out = [t for _, t in movie_sentences()[1::37] if t not in set(calib)][: a.sentences]
 
     model = checkpoint.load(path)
-    calibrate(model, tokenizer_batches(path / "tokenizer.json", calib, 32, a.seq_len, model.config.pad_token_id), progress=False)
+    calibrate_texts(model, calib, path / "tokenizer.json", a.seq_len, progress=False)
     program = convert(model)
     out = Path(f"artifacts/accuracy-default-{a.seq_len}")
     compile_model(CompileOptions(model="default", batch=8, seq_len=a.seq_len, out=out, force=True, progress=False))

@@ -233,7 +233,7 @@ def test_failed_compile_creates_no_parent_dirs(tmp_path, uncalibrated):
 def test_calibration_pads_with_the_models_pad_token(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from ibert_tvm.compile import tokenizer_batches
+    from ibert_tvm.calibrate import tokenizer_batches
 
     tok = Tokenizer(models.WordLevel({"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "film": 4}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
