@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import artifact, targets
+from .program import IntProgram
 
 
 @dataclass
@@ -45,7 +46,7 @@ def default_calibration_texts(n: int = 256) -> list[str]:
     return [text for _, text in rows[::step][:n]]
 
 
-def integer_program(opt: CompileOptions) -> tuple["IntProgram", Path]:  # noqa: F821
+def integer_program(opt: CompileOptions) -> tuple[IntProgram, Path]:
     """Checkpoint -> (calibrated) IBert -> integer program; returns it with the checkpoint path."""
     from . import checkpoint
     from .calibrate import calibrate_texts

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import tvm
 from tvm import relax
 
 from relay_ops.attention import context_kernel, scores_kernel, softmax_kernel
@@ -25,7 +26,7 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 @dataclass
 class Graph:
-    module: "relax.IRModule"  # noqa: F821
+    module: tvm.IRModule
     params: list[tuple[str, np.ndarray]]
 
 
