@@ -3,6 +3,7 @@
 GEMM kernels (`ibert.kind == "gemm"`, blocks A_u8 / C / O from `relay_ops.gemm`) are tiled MB rows
 x NB*16 columns; the accumulator is a per-tile local buffer (registers) computed under the
 epilogue's tile loop, so the epilogue (requantization, GELU, residual) reads it straight back.
+Each kernel has a single parallel loop; its operand stages are computed inside it.
 With VNNI the inner 16x4 product is `vpdpbusd`; without, LLVM vectorizes the same tile.
 """
 
@@ -74,7 +75,14 @@ def _gemm(sch: s_tir.Schedule, vnni: bool, tiles: Tiles | None) -> bool:
     a10, a11 = sch.split(a1, [nb, LANES])
     k0, k1 = sch.split(a2, [None, GROUP])
     sch.reorder(*[l for l in (k0, rows, a10, a11, k1) if l is not None])
-    sch.parallel(sch.fuse(*bl, oi0, oj0))
+    # One parallel loop per kernel (each parallel region costs a barrier): over heads (attention)
+    # or row tiles. Per-head operands (packed K/V, key sums) and each row tile's u8 activations
+    # are staged inside it, once, and reused by every column tile.
+    par = sch.fuse(*bl) if bl else oi0
+    staged = [(name, at) for name, at in (("B_pack", par), ("ksum", par), ("A_u8", oi0)) if _has_block(sch, name)]
+    for name, at in staged:
+        sch.compute_at(sch.get_sblock(name), at, preserve_unit_loops=False)
+    sch.parallel(par)
     if not vnni:  # LLVM vectorizes the 16 lanes; must precede decompose_reduction
         sch.reorder(k1, a11)
         sch.vectorize(a11)
@@ -86,13 +94,24 @@ def _gemm(sch: s_tir.Schedule, vnni: bool, tiles: Tiles | None) -> bool:
             sch.unroll(loop)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(oj1)
-    for name in ("A_u8", "B_pack", "ksum"):
-        try:
-            blk = sch.get_sblock(name)
-        except Exception:  # noqa: BLE001 - the stage is absent from this GEMM
-            continue
-        _parallel_vector(sch, blk)
+    for name, _ in staged:
+        _vectorize_inner(sch, sch.get_sblock(name))
     return True
+
+
+def _has_block(sch: s_tir.Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except s_tir.ScheduleError:
+        return False
+    return True
+
+
+def _vectorize_inner(sch: s_tir.Schedule, blk) -> None:
+    """A fully spatial block's innermost loop in 16 lanes, when it divides."""
+    loops = sch.get_loops(blk)
+    if all(iv.iter_type == 0 for iv in sch.get(blk).iter_vars) and int(sch.get(loops[-1]).extent) % LANES == 0:
+        sch.vectorize(sch.split(loops[-1], [None, LANES])[1])
 
 
 def _parallel_vector(sch: s_tir.Schedule, blk) -> None:
