@@ -22,25 +22,26 @@ def _read_lines(path: str) -> list[str]:
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def cmd_compile(a: argparse.Namespace) -> int:
-    from .compile import CompileOptions, compile_model
+def _options(a: argparse.Namespace, **extra):
+    from .compile import CompileOptions
 
     texts = _read_lines(a.calib_texts) if a.calib_texts else None
     if a.calib_texts and not texts:
         raise ValueError(f"calibration text file {a.calib_texts} is empty")
-    out = compile_model(CompileOptions(
-        model=a.model, target=a.target, batch=a.batch, seq_len=a.seq_len, out=Path(a.output),
-        calib_texts=texts, force=a.force,
-    ))
-    print(f"wrote {out}")
+    return CompileOptions(model=a.model, target=a.target, batch=a.batch, seq_len=a.seq_len, calib_texts=texts, **extra)
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    from .compile import compile_model
+
+    print(f"wrote {compile_model(_options(a, out=Path(a.output), force=a.force))}")
     return 0
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
-    from .compile import CompileOptions, tune_model
+    from .compile import tune_model
 
-    texts = _read_lines(a.calib_texts) if a.calib_texts else None
-    records = tune_model(CompileOptions(model=a.model, target=a.target, batch=a.batch, seq_len=a.seq_len, calib_texts=texts))
+    records = tune_model(_options(a))
     print(f"{len(records)} tile records for this CPU (schedules/records/)")
     return 0
 
@@ -96,24 +97,24 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="transformers checkpoint directory, or 'default' (all-MiniLM-L6-v2)")
+    p.add_argument("--target", default="host", help="target preset: host (alias x86), x86-avx512-vnni, x86-avx2")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--calib-texts", help="text file, one calibration sentence a line (needed when uncalibrated)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ibert-tvm", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compile", help="compile a checkpoint into an artifact folder")
-    c.add_argument("--model", required=True, help="transformers checkpoint directory, or 'default' (all-MiniLM-L6-v2)")
-    c.add_argument("--target", default="host", help="target preset: host (alias x86), x86-avx512-vnni, x86-avx2")
-    c.add_argument("--batch", type=int, default=1)
-    c.add_argument("--seq-len", type=int, default=128)
+    _model_arguments(c)
     c.add_argument("-o", "--output", default="artifacts/model")
-    c.add_argument("--calib-texts", help="text file, one calibration sentence a line (needed when uncalibrated)")
     c.add_argument("--force", action="store_true", help="replace an existing artifact")
     c.set_defaults(fn=cmd_compile)
     t = sub.add_parser("tune", help="measure GEMM tile sizes for a model's shapes on this machine; records are kept")
-    t.add_argument("--model", required=True)
-    t.add_argument("--target", default="host")
-    t.add_argument("--batch", type=int, default=1)
-    t.add_argument("--seq-len", type=int, default=128)
-    t.add_argument("--calib-texts")
+    _model_arguments(t)
     t.set_defaults(fn=cmd_tune)
     r = sub.add_parser("run", help="run an artifact on text")
     r.add_argument("artifact")

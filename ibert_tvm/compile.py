@@ -46,14 +46,18 @@ def default_calibration_texts(n: int = 256) -> list[str]:
     return [text for _, text in rows[::step][:n]]
 
 
-def integer_program(opt: CompileOptions) -> tuple[IntProgram, Path]:
-    """Checkpoint -> (calibrated) IBert -> integer program; returns it with the checkpoint path."""
-    from . import checkpoint
-    from .calibrate import calibrate_texts
-    from .importer import convert
-
+def _preflight(opt: CompileOptions) -> targets.Preset:
+    """Checks that need no model: run before loading one, so bad options fail in milliseconds."""
     if opt.batch < 1 or opt.seq_len < 1:
         raise ValueError(f"batch and seq_len must be positive, got {opt.batch} x {opt.seq_len}")
+    return targets.get(opt.target)
+
+
+def load_calibrated(opt: CompileOptions) -> tuple["torch.nn.Module", Path]:  # noqa: F821
+    """Checkpoint -> IBert (quant_mode=True) with calibrated ranges; returns it and its folder."""
+    from . import checkpoint
+    from .calibrate import calibrate_texts
+
     path = checkpoint.resolve(opt.model)
     tok_file = path / artifact.TOKENIZER
     model = checkpoint.load(path)
@@ -66,18 +70,26 @@ def integer_program(opt: CompileOptions) -> tuple[IntProgram, Path]:
         calibrate_texts(model, texts, tok_file, opt.seq_len, opt.calib_batch, progress=opt.progress)
     elif not checkpoint.is_calibrated(model):
         raise ValueError(f"{path} is not calibrated (no activation ranges): give calibration text (--calib-texts FILE)")
-    return convert(model), path
+    return model, path
 
 
 def compile_model(opt: CompileOptions) -> Path:
     """Compile `opt.model` for `opt.target`; returns the artifact folder."""
+    from .importer import convert
+
+    _preflight(opt)
+    artifact.check_writable(Path(opt.out), opt.force)
+    model, path = load_calibrated(opt)
+    return compile_program(convert(model), path, opt)
+
+
+def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptions) -> Path:
+    """Integer program -> scheduled library -> artifact (tokenizer taken from `checkpoint_dir`)."""
     from .build import compile_graph
     from .graph import INPUTS, build_graph
 
-    preset = targets.get(opt.target)
-    artifact.check_writable(Path(opt.out), opt.force)
-    program, path = integer_program(opt)
-    tok_file = path / artifact.TOKENIZER
+    preset = _preflight(opt)
+    tok_file = checkpoint_dir / artifact.TOKENIZER
     graph = build_graph(program, opt.batch, opt.seq_len)
     executable = compile_graph(graph, preset)
 
@@ -88,19 +100,12 @@ def compile_model(opt: CompileOptions) -> Path:
         save_file({name: np.ascontiguousarray(a) for name, a in graph.params}, str(tmp / artifact.PARAMS))
         if tok_file.exists():
             shutil.copyfile(tok_file, tmp / artifact.TOKENIZER)
-        scales = program.output_scales()
-        shapes = {
-            "last_hidden_state": [opt.batch, opt.seq_len, program.hidden],
-            "pooler_output": [opt.batch, program.hidden],
-            "logits": [opt.batch, len(program.label_names)],
-        }
-        dtypes = {"last_hidden_state": "int8", "pooler_output": "int8", "logits": "int32"}
         return {
             "model_class": program.model_class,
             "source": str(opt.model),
             "target": {
                 "preset": preset.name,
-                "tvm": {k: v for k, v in preset.target.items()},
+                "tvm": dict(preset.target),
                 "arch": preset.arch,
                 "cpu_flags": list(preset.cpu_flags),
                 "built_on": platform.machine(),
@@ -110,9 +115,7 @@ def compile_model(opt: CompileOptions) -> Path:
             "vocab_size": program.vocab,
             "pad_id": program.pad_id,
             "inputs": [{"name": n, "shape": [opt.batch, opt.seq_len], "dtype": "int32"} for n in INPUTS],
-            "outputs": [
-                {"name": n, "shape": shapes[n], "dtype": dtypes[n], "scale": scales[n]} for n in program.outputs
-            ],
+            "outputs": program.output_specs(opt.batch, opt.seq_len),
             "label_names": program.label_names,
             "tokenizer": {"file": artifact.TOKENIZER if tok_file.exists() else None, "max_length": opt.seq_len,
                           "pad_id": program.pad_id},
@@ -127,7 +130,8 @@ def tune_model(opt: CompileOptions) -> dict[str, list[int]]:
     """Tune the GEMM tiles of `opt.model` at (batch, seq_len) on this machine; returns the records."""
     from .build import tune_graph
     from .graph import build_graph
+    from .importer import convert
 
-    preset = targets.get(opt.target)
-    program, _ = integer_program(opt)
-    return tune_graph(build_graph(program, opt.batch, opt.seq_len), preset, progress=opt.progress)
+    preset = _preflight(opt)
+    model, _ = load_calibrated(opt)
+    return tune_graph(build_graph(convert(model), opt.batch, opt.seq_len), preset, progress=opt.progress)

@@ -13,20 +13,16 @@ def fp32_model(model: str, model_class: str | None = None):
 
 
 def fp32_embeddings(model: str, texts: list[str], seq_len: int) -> np.ndarray:
+    """Mean-pooled, normalised FP32 sentence embeddings, pooled exactly as `Runner.embed` pools."""
     import torch
-    from tokenizers import Tokenizer
 
     from . import checkpoint
+    from .calibrate import tokenizer_batches
+    from .runner import mean_pool
 
-    tok = Tokenizer.from_file(str(checkpoint.resolve(model) / "tokenizer.json"))
-    tok.no_padding()
-    tok.enable_truncation(seq_len)
-    tok.enable_padding(pad_id=0, length=seq_len)
-    enc = tok.encode_batch(texts)
-    ids = torch.tensor([e.ids for e in enc])
-    mask = torch.tensor([e.attention_mask for e in enc])
+    net = fp32_model(model, "IBertModel")
+    (batch,) = tokenizer_batches(checkpoint.resolve(model) / "tokenizer.json", texts, len(texts), seq_len,
+                                 net.config.pad_token_id)
     with torch.no_grad():
-        h = fp32_model(model, "IBertModel")(input_ids=ids, attention_mask=mask).last_hidden_state
-    m = mask[..., None].float()
-    pooled = ((h * m).sum(1) / m.sum(1)).numpy()
-    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+        hidden = net(**batch).last_hidden_state.numpy()
+    return mean_pool(hidden, batch["attention_mask"].numpy())

@@ -214,6 +214,17 @@ class IntProgram:
             scales["logits"] = [float(s) for s in self.logit_scale]
         return {k: scales[k] for k in self.outputs}
 
+    def output_specs(self, batch: int, seq: int) -> list[dict[str, Any]]:
+        """Name, shape, dtype and scales of every output, as the manifest records them."""
+        shapes = {
+            "last_hidden_state": [batch, seq, self.hidden],
+            "pooler_output": [batch, self.hidden],
+            "logits": [batch, len(self.label_names)],
+        }
+        dtypes = {"last_hidden_state": "int8", "pooler_output": "int8", "logits": "int32"}
+        scales = self.output_scales()
+        return [{"name": n, "shape": shapes[n], "dtype": dtypes[n], "scale": scales[n]} for n in self.outputs]
+
 
 def iter_arrays(obj: Any, prefix: str = "") -> list[tuple[str, np.ndarray]]:
     """Every array of the program with a dotted name (all integer but the output `logit_scale`)."""

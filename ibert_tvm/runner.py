@@ -27,6 +27,7 @@ class Runner:
         self.batch, self.seq_len = m["batch"], m["seq_len"]
         self.vocab, self.pad_id = m["vocab_size"], m["pad_id"]
         self.outputs: list[dict[str, Any]] = m["outputs"]
+        self.scales = {o["name"]: np.asarray(o["scale"]) for o in self.outputs}
         self._dev = tvm.cpu()
         lib = tvm.runtime.load_module(str(self.path / artifact.LIBRARY))
         self._vm = relax.VirtualMachine(lib, self._dev)
@@ -108,7 +109,7 @@ class Runner:
         for i, spec in enumerate(self.outputs):
             val = np.concatenate([c[i] for c in chunks])[:n]
             out[spec["name"]] = val[:, :s] if val.ndim == 3 else val
-        out["scales"] = {o["name"]: np.asarray(o["scale"]) for o in self.outputs}
+        out["scales"] = self.scales
         return out
 
     def run(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> dict[str, np.ndarray]:

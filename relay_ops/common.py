@@ -55,8 +55,9 @@ def clamp(x: tvm.ir.expr.Expr, lo: int | None, hi: int | None) -> tvm.ir.expr.Ex
     return tirx.max(tirx.min(x, c64(hi)), c64(lo))
 
 
-def rshift_round(x: tvm.ir.expr.Expr, e: tvm.ir.expr.Expr) -> tvm.ir.expr.Expr:
-    return (x + (c64(1) << (e - c64(1)))) >> e
+def rshift_round(x: tvm.ir.expr.Expr, e: tvm.ir.expr.Expr, dtype: str = I64) -> tvm.ir.expr.Expr:
+    one = tirx.const(1, dtype)
+    return (x + (one << (e - one))) >> e
 
 
 def requant(x: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.expr.Expr | None = None) -> tvm.ir.expr.Expr:
@@ -67,9 +68,7 @@ def requant(x: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.expr.Ex
         m, e = consts.add(rq.m.astype(dt), "m")[ch], consts.add(rq.e.astype(dt), "e")[ch]
     else:
         m, e = tirx.const(int(rq.m), dt), tirx.const(int(rq.e), dt)
-    one = tirx.const(1, dt)
-    y = (x.astype(dt) * m + (one << (e - one))) >> e
-    return clamp(y.astype(I64), rq.lo, rq.hi)
+    return clamp(rshift_round(x.astype(dt) * m, e, dt).astype(I64), rq.lo, rq.hi)
 
 
 def chain(x: tvm.ir.expr.Expr, rqs: list[Requant], consts: Consts, ch: tvm.ir.expr.Expr) -> tvm.ir.expr.Expr:

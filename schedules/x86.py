@@ -108,9 +108,11 @@ def _has_block(sch: s_tir.Schedule, name: str) -> bool:
 
 
 def _vectorize_inner(sch: s_tir.Schedule, blk) -> None:
-    """A fully spatial block's innermost loop in 16 lanes, when it divides."""
+    """A fully spatial block's innermost loop in 16 lanes, when it divides (never its only loop,
+    which is the parallel one)."""
     loops = sch.get_loops(blk)
-    if all(iv.iter_type == 0 for iv in sch.get(blk).iter_vars) and int(sch.get(loops[-1]).extent) % LANES == 0:
+    spatial = all(iv.iter_type == 0 for iv in sch.get(blk).iter_vars)
+    if len(loops) > 1 and spatial and int(sch.get(loops[-1]).extent) % LANES == 0:
         sch.vectorize(sch.split(loops[-1], [None, LANES])[1])
 
 
@@ -120,10 +122,9 @@ def _parallel_vector(sch: s_tir.Schedule, blk) -> None:
     kinds = [iv.iter_type for iv in sch.get(blk).iter_vars]
     lead = len(list(takewhile(lambda t: t == 0, kinds)))
     if lead == len(loops) and lead > 1:
-        outer, last = loops[:-1], loops[-1]
+        outer = loops[:-1]
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-        if int(sch.get(last).extent) % LANES == 0:
-            sch.vectorize(sch.split(last, [None, LANES])[1])
+        _vectorize_inner(sch, blk)
     elif lead:
         sch.parallel(sch.fuse(*loops[:lead]) if lead > 1 else loops[0])
 
@@ -150,16 +151,14 @@ def _rowwise(sch: s_tir.Schedule) -> bool:
         return False
     sch.parallel(row)
     for blk in [*stages, out]:
-        kinds = [iv.iter_type for iv in sch.get(blk).iter_vars]
-        inner = sch.get_loops(blk)[1:]
         if sch.get(blk).name_hint.endswith("_rf"):
-            lanes, steps = inner
+            lanes, steps = sch.get_loops(blk)[1:]
             sch.reorder(steps, lanes)
             sch.vectorize(lanes)  # before decompose_reduction, which TVM requires
             init = sch.decompose_reduction(blk, steps)
             sch.vectorize(sch.get_loops(init)[-1])
-        elif inner and all(t == 0 for t in kinds) and int(sch.get(inner[-1]).extent) % LANES == 0:
-            sch.vectorize(sch.split(inner[-1], [None, LANES])[1])
+        else:
+            _vectorize_inner(sch, blk)
     return True
 
 

@@ -16,19 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ibert_tvm import checkpoint, reference
-from ibert_tvm.calibrate import calibrate_texts
-from ibert_tvm.compile import CompileOptions, compile_model, default_calibration_texts
+from ibert_tvm import reference
+from ibert_tvm.compile import CompileOptions, compile_program, default_calibration_texts, load_calibrated
 from ibert_tvm.data import movie_sentences
 from ibert_tvm.fp32 import fp32_model
 from ibert_tvm.importer import convert
-from ibert_tvm.runner import Runner
-
-
-def pooled(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    m = mask[..., None].astype(np.float64)
-    p = (h * m).sum(1) / m.sum(1)
-    return p / np.linalg.norm(p, axis=1, keepdims=True)
+from ibert_tvm.runner import Runner, mean_pool
 
 
 def main() -> None:
@@ -36,16 +29,15 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=64)
     a = ap.parse_args()
-    path = checkpoint.resolve("default")
-    calib = default_calibration_texts()
-    held_out = [t for _, t in movie_sentences()[1::37] if t not in set(calib)][: a.sentences]
+    calib = set(default_calibration_texts())
+    held_out = [t for _, t in movie_sentences()[1::37] if t not in calib][: a.sentences]
 
-    model = checkpoint.load(path)
-    calibrate_texts(model, calib, path / "tokenizer.json", a.seq_len, progress=False)
+    # one calibration serves HF's simulation, the reference and the compiled library
+    opt = CompileOptions(model="default", batch=8, seq_len=a.seq_len, out=Path(f"artifacts/accuracy-default-{a.seq_len}"),
+                         force=True, progress=False)
+    model, path = load_calibrated(opt)
     program = convert(model)
-    out = Path(f"artifacts/accuracy-default-{a.seq_len}")
-    compile_model(CompileOptions(model="default", batch=8, seq_len=a.seq_len, out=out, force=True, progress=False))
-    runner = Runner(out)
+    runner = Runner(compile_program(program, path, opt))
     ids, mask = runner.encode(held_out, truncate=True)
 
     tvm_int = runner.run_integer(ids, mask)["last_hidden_state"]
@@ -63,7 +55,7 @@ def main() -> None:
     for name, x, y in (("ibert-tvm vs HF quant_mode=True", ours, hf_sim), ("ibert-tvm vs FP32", ours, fp32),
                        ("HF quant_mode=True vs FP32", hf_sim, fp32)):
         d = np.abs(x - y)[keep]
-        cos = (pooled(x, mask) * pooled(y, mask)).sum(1)
+        cos = (mean_pool(x, mask) * mean_pool(y, mask)).sum(1)
         print(f"| {name} | {d.max():.4f} | {d.mean():.4f} | {cos.mean():.4f} | {cos.min():.4f} |")
 
 
