@@ -28,8 +28,13 @@ def schedule_module(mod: tvm.IRModule, preset: targets.Preset) -> tvm.IRModule:
 
 
 def tune_graph(graph: Graph, preset: targets.Preset, progress: bool = True) -> dict[str, list[int]]:
-    """Tune this graph's GEMM tiles on this machine; records go to schedules/records/<cpu>.json."""
+    """Tune this graph's GEMM tiles on this machine; records go to schedules/records/<cpu>.json.
+
+    Kernels are timed with the thread count the runner will use (every CPU of this process)."""
+    from .runner import use_threads
+
     targets.check_runnable(preset.arch, list(preset.cpu_flags))
+    use_threads()
     return tuning.tune(graph.module, preset.target["mcpu"], targets.tvm_target(preset), targets.has_vnni(preset),
                        progress=progress)
 

@@ -49,7 +49,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
 def cmd_run(a: argparse.Namespace) -> int:
     from .runner import Runner, mean_pool
 
-    r = Runner(a.artifact)
+    r = Runner(a.artifact, threads=a.threads)
     ids, mask = r.encode(a.texts, truncate=a.truncate)
     out = r.run(ids, mask)
     result = []
@@ -121,6 +121,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("texts", nargs="+")
     r.add_argument("--json", action="store_true")
     r.add_argument("--truncate", action="store_true", help="cut text longer than the compiled length")
+    r.add_argument("--threads", type=int, help="worker threads (default: every CPU this process may use)")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("demo", help="compile the default model here and compare sentence similarities with FP32")
     d.add_argument("-o", "--output", default="artifacts/default-host")

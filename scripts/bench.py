@@ -33,7 +33,7 @@ def _system(name: str, batch: int, seq: int, threads: int):
         out = Path(f"artifacts/bench-default-{batch}x{seq}")
         if not (out / "manifest.json").exists():
             compile_model(CompileOptions(model="default", batch=batch, seq_len=seq, out=out, force=True))
-        r = Runner(out)
+        r = Runner(out, threads=threads)
         return lambda: r.run_integer(ids, mask)
     import torch
 

@@ -79,6 +79,21 @@ def test_run_is_integers_times_scales(runner):
         np.testing.assert_allclose(floats[name], ints[name] * scale, rtol=1e-6)
 
 
+@pytest.mark.parametrize("asked", [None, 1])
+def test_runner_uses_every_cpu_by_default(artifact, asked):
+    """TVM alone sizes its pool at half the logical CPUs: one thread on a 2-vCPU machine."""
+    import subprocess
+    import sys
+
+    code = f"import tvm; from ibert_tvm.runner import Runner; r = Runner({str(artifact.path)!r}, threads={asked}); " \
+           "print(r.threads, tvm.runtime.num_threads())"
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    want = asked or len(os.sched_getaffinity(0))
+    assert res.stdout.split() == [str(want)] * 2
+
+
 def test_embed_is_normalised_and_input_dependent(artifact):
     r = Runner(artifact.path)
     e = r.embed(CALIB_TEXTS)
@@ -308,8 +323,9 @@ def test_cli_run_json(any_artifact, capsys):
         (lambda a, t: ["compile", "--model", a.checkpoint, "--target", "nope", "-o", t / "x"], "x86-avx512-vnni"),
         (lambda a, t: ["run", t, "some text"], "not an ibert-tvm artifact"),
         (lambda a, t: ["run", a.path, " ".join(WORDS)], "longer than"),
+        (lambda a, t: ["run", a.path, "some text", "--threads", "0"], "threads must be at least 1"),
     ],
-    ids=["unknown-target", "not-an-artifact", "over-long-text"],
+    ids=["unknown-target", "not-an-artifact", "over-long-text", "zero-threads"],
 )
 def test_cli_user_errors(artifact, tmp_path, capsys, argv, match):
     assert cli.main([str(x) for x in argv(artifact, tmp_path)]) == 2
