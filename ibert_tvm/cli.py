@@ -46,6 +46,21 @@ def cmd_tune(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_targets(a: argparse.Namespace) -> int:
+    from . import targets
+
+    rows = [targets.host_preset(), *targets.PRESETS.values()]
+    if a.json:
+        print(json.dumps([{"name": p.name, "description": p.description, "tvm": p.target, "arch": p.arch,
+                           "cpu_flags": list(p.cpu_flags), "device": p.device} for p in rows], indent=2))
+    else:
+        width = max(len(p.name) for p in rows)
+        for p in rows:
+            print(f"{p.name:{width}}  {p.description}")
+        print(f"\naliases: {', '.join(f'{k} -> {v}' for k, v in targets.ALIASES.items())}")
+    return 0
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from .runner import Runner, mean_pool
 
@@ -99,7 +114,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="transformers checkpoint directory, or 'default' (all-MiniLM-L6-v2)")
-    p.add_argument("--target", default="host", help="target preset: host (alias x86), x86-avx512-vnni, x86-avx2")
+    p.add_argument("--target", default="host", help="target preset (`ibert-tvm targets` lists them); default: this machine")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--calib-texts", help="text file, one calibration sentence a line (needed when uncalibrated)")
@@ -116,6 +131,9 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="measure GEMM tile sizes for a model's shapes on this machine; records are kept")
     _model_arguments(t)
     t.set_defaults(fn=cmd_tune)
+    ts = sub.add_parser("targets", help="list the target presets")
+    ts.add_argument("--json", action="store_true")
+    ts.set_defaults(fn=cmd_targets)
     r = sub.add_parser("run", help="run an artifact on text")
     r.add_argument("artifact")
     r.add_argument("texts", nargs="+")

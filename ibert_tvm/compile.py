@@ -50,7 +50,9 @@ def _preflight(opt: CompileOptions) -> targets.Preset:
     """Checks that need no model: run before loading one, so bad options fail in milliseconds."""
     if opt.batch < 1 or opt.seq_len < 1:
         raise ValueError(f"batch and seq_len must be positive, got {opt.batch} x {opt.seq_len}")
-    return targets.get(opt.target)
+    preset = targets.get(opt.target)
+    targets.cross_compiler(preset)
+    return preset
 
 
 def load_calibrated(opt: CompileOptions) -> tuple["torch.nn.Module", Path]:  # noqa: F821
@@ -90,13 +92,16 @@ def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptio
 
     preset = _preflight(opt)
     tok_file = checkpoint_dir / artifact.TOKENIZER
-    graph = build_graph(program, opt.batch, opt.seq_len)
+    graph = build_graph(program, opt.batch, opt.seq_len, preset.a_shift)
     executable = compile_graph(graph, preset)
+    cross = targets.cross_compiler(preset)
 
     def fill(tmp: Path) -> dict[str, Any]:
         from safetensors.numpy import save_file
+        from tvm.support import cc
 
-        executable.export_library(str(tmp / artifact.LIBRARY))
+        fcompile = cc.cross_compiler(cross) if cross else None
+        executable.export_library(str(tmp / artifact.LIBRARY), fcompile=fcompile)
         save_file({name: np.ascontiguousarray(a) for name, a in graph.params}, str(tmp / artifact.PARAMS))
         if tok_file.exists():
             shutil.copyfile(tok_file, tmp / artifact.TOKENIZER)
@@ -108,6 +113,7 @@ def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptio
                 "tvm": dict(preset.target),
                 "arch": preset.arch,
                 "cpu_flags": list(preset.cpu_flags),
+                "device": preset.device,
                 "built_on": platform.machine(),
             },
             "batch": opt.batch,
@@ -134,4 +140,4 @@ def tune_model(opt: CompileOptions) -> dict[str, list[int]]:
 
     preset = _preflight(opt)
     model, _ = load_calibrated(opt)
-    return tune_graph(build_graph(convert(model), opt.batch, opt.seq_len), preset, progress=opt.progress)
+    return tune_graph(build_graph(convert(model), opt.batch, opt.seq_len, preset.a_shift), preset, progress=opt.progress)

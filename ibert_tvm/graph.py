@@ -8,6 +8,7 @@ weights, INT32 biases, dyadic multipliers) are listed with their names for the a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import tvm
@@ -16,6 +17,7 @@ from tvm import relax
 from relay_ops.attention import context_kernel, scores_kernel, softmax_kernel
 from relay_ops.common import Kernel
 from relay_ops.embedding import embedding_kernel
+from relay_ops.gemm import U8_SHIFT
 from relay_ops.layernorm import layer_norm_kernel
 from relay_ops.linear import gelu_epilogue, linear_kernel, raw_epilogue, requant_epilogue, residual_epilogue, tanh_epilogue
 
@@ -48,11 +50,13 @@ class _Emitter:
         return self.bb.emit(relax.call_tir(gv, [*args, *consts], relax.TensorType(k.out_shape, k.out_dtype)))
 
 
-def build_graph(p: IntProgram, batch: int, seq: int) -> Graph:
+def build_graph(p: IntProgram, batch: int, seq: int, a_shift: int = U8_SHIFT) -> Graph:
+    """`a_shift`: how the target's GEMMs take activations (relay_ops.gemm); outputs never change."""
     if seq > p.max_positions - p.pad_id - 1:
         raise ValueError(f"seq_len {seq} exceeds the model's {p.max_positions - p.pad_id - 1} positions")
     h, heads, rows = p.hidden, p.heads, batch * seq
     d = h // heads
+    linear = partial(linear_kernel, a_shift=a_shift)
     bb = relax.BlockBuilder()
     ins = [relax.Var(n, relax.TensorType((batch, seq), "int32")) for n in INPUTS]
     ids, mask, types = ins
@@ -65,12 +69,12 @@ def build_graph(p: IntProgram, batch: int, seq: int) -> Graph:
             x = em.call(layer_norm_kernel("embed_ln", p.embeddings.ln, rows, h), x16)
             for i, L in enumerate(p.layers):
                 n = f"l{i}_"
-                qkv = em.call(linear_kernel(n + "qkv", L.qkv, rows, requant_epilogue([L.qkv_out]), "int8"), x)
-                scores = em.call(scores_kernel(n + "scores", batch, seq, h, heads), qkv)
+                qkv = em.call(linear(n + "qkv", L.qkv, rows, requant_epilogue([L.qkv_out]), "int8"), x)
+                scores = em.call(scores_kernel(n + "scores", batch, seq, h, heads, a_shift), qkv)
                 probs = em.call(softmax_kernel(n + "softmax", L.softmax, batch, heads, seq), scores, mask)
-                ctx = em.call(context_kernel(n + "context", L, batch, seq, h, heads), probs, qkv)
+                ctx = em.call(context_kernel(n + "context", L, batch, seq, h, heads, a_shift), probs, qkv)
                 attn = em.call(
-                    linear_kernel(
+                    linear(
                         n + "attn_out", L.attn_dense, rows, residual_epilogue(L.attn_acc, L.attn_res), "int32",
                         extra_inputs=(((rows, h), "int8"),), x_shape=(batch, heads, seq, d),
                         read=lambda t, r, k: t[r // seq, k // d, r % seq, k % d],
@@ -78,9 +82,9 @@ def build_graph(p: IntProgram, batch: int, seq: int) -> Graph:
                     ctx, x,
                 )
                 hmid = em.call(layer_norm_kernel(n + "attn_ln", L.attn_ln, rows, h), attn)
-                inter = em.call(linear_kernel(n + "inter", L.inter, rows, gelu_epilogue(L.gelu), "int8"), hmid)
+                inter = em.call(linear(n + "inter", L.inter, rows, gelu_epilogue(L.gelu), "int8"), hmid)
                 res = em.call(
-                    linear_kernel(
+                    linear(
                         n + "ffn_out", L.out_dense, rows, residual_epilogue(L.out_acc, L.out_res), "int32",
                         extra_inputs=(((rows, h), "int8"),),
                     ),
@@ -92,13 +96,13 @@ def build_graph(p: IntProgram, batch: int, seq: int) -> Graph:
             cls = dict(x_shape=(batch, seq, h), read=lambda t, r, k: t[r, 0, k])
             if p.classifier is not None:
                 c = p.classifier
-                t = em.call(linear_kernel("cls_dense", c.dense, batch, tanh_epilogue(c.tanh), "int8", **cls), hidden)
-                outs.append(em.call(linear_kernel("cls_out", c.out_proj, batch, raw_epilogue(), "int32"), t))
+                t = em.call(linear("cls_dense", c.dense, batch, tanh_epilogue(c.tanh), "int8", **cls), hidden)
+                outs.append(em.call(linear("cls_out", c.out_proj, batch, raw_epilogue(), "int32"), t))
             else:
                 outs.append(hidden)
                 if p.pooler is not None:
                     pl = p.pooler
-                    outs.append(em.call(linear_kernel("pooler", pl.dense, batch, tanh_epilogue(pl.tanh), "int8", **cls), hidden))
+                    outs.append(em.call(linear("pooler", pl.dense, batch, tanh_epilogue(pl.tanh), "int8", **cls), hidden))
             result = bb.emit_output(relax.Tuple(outs))
         bb.emit_func_output(result, params=[*ins, *em.param_vars])
     return Graph(bb.get(), em.params)

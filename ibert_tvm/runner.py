@@ -45,7 +45,7 @@ class Runner:
         self.threads = use_threads(threads)
         import tvm
         from safetensors.numpy import load_file
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # not tvm.relax: boards may have the runtime only
 
         self.path = Path(path)
         self.manifest = m = artifact.read(self.path)
@@ -56,7 +56,7 @@ class Runner:
         self.scales = {o["name"]: np.asarray(o["scale"]) for o in self.outputs}
         self._dev = tvm.cpu()
         lib = tvm.runtime.load_module(str(self.path / artifact.LIBRARY))
-        self._vm = relax.VirtualMachine(lib, self._dev)
+        self._vm = VirtualMachine(lib, self._dev)
         params = load_file(str(self.path / artifact.PARAMS))
         self._params = [tvm.runtime.tensor(params[name], self._dev) for name in m["params"]]
         self._tensor = tvm.runtime.tensor

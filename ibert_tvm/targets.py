@@ -1,11 +1,16 @@
-"""Target presets: a name users type -> a TVM target and the CPU features the library needs."""
+"""Target presets: a name users type -> a TVM target, its schedules, and what the machine that
+runs the library needs (architecture, CPU features, GPU)."""
 
 from __future__ import annotations
 
 import os
 import platform
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
+
+CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # compiler -> Debian package
+ARM64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
 
 
 @dataclass(frozen=True)
@@ -14,7 +19,20 @@ class Preset:
     description: str
     target: dict[str, Any]
     arch: str  # platform.machine() of machines that can run the library
-    cpu_flags: tuple[str, ...] = field(default=())  # /proc/cpuinfo flags the code needs
+    cpu_flags: tuple[str, ...] = field(default=())  # CPU features the code needs (Linux names)
+    isa: str | None = None  # schedules.cpu.ISAS key of the GEMM tiles (CPU targets)
+    cross: str | None = None  # C++ compiler that links the library when built on another arch
+    device: str = "cpu"  # "cpu" or "cuda"
+
+    @property
+    def a_shift(self) -> int:
+        """How the GEMMs take activations (relay_ops.gemm): u8 (+128) for x86 VNNI, s8 elsewhere."""
+        return 128 if self.arch == "x86_64" and self.device == "cpu" else 0
+
+
+def _cuda(sm: int, boards: str) -> Preset:
+    return Preset(f"cuda-sm{sm}", f"NVIDIA sm_{sm} ({boards}); x86-64 host", {"kind": "cuda", "arch": f"sm_{sm}"},
+                  "x86_64", device="cuda")
 
 
 PRESETS = {
@@ -23,29 +41,49 @@ PRESETS = {
         Preset(
             "x86-avx512-vnni",
             "x86-64 with AVX-512 VNNI (Cascade Lake and later Xeons, Ice Lake+, Zen 4+): INT8 GEMMs on vpdpbusd",
-            {"kind": "llvm", "mcpu": "cascadelake"},
-            "x86_64",
-            ("avx512f", "avx512bw", "avx512_vnni"),
+            {"kind": "llvm", "mcpu": "cascadelake"}, "x86_64", ("avx512f", "avx512bw", "avx512_vnni"), "vnni",
         ),
         Preset(
             "x86-avx2",
             "x86-64 with AVX2 only (Haswell and later, Zen 1-3): vectorized INT8 GEMMs without VNNI",
-            {"kind": "llvm", "mcpu": "haswell"},
-            "x86_64",
-            ("avx2", "fma"),
+            {"kind": "llvm", "mcpu": "haswell"}, "x86_64", ("avx2", "fma"), "avx2",
         ),
+        Preset(
+            "arm64-dotprod",
+            "AArch64 with the dot-product extension (Cortex-A76/A78, Neoverse: Raspberry Pi 5, Jetson Orin CPU, "
+            "Graviton 2/3): INT8 GEMMs on sdot",
+            {**ARM64, "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod"]}, "aarch64", ("asimd", "asimddp"), "sdot",
+            "aarch64-linux-gnu-g++",
+        ),
+        Preset(
+            "arm64-neon",
+            "AArch64 NEON without dot product (Cortex-A72/A53: Raspberry Pi 4): INT8 GEMMs by widening multiplies",
+            {**ARM64, "mcpu": "cortex-a72", "mattr": ["+neon"]}, "aarch64", ("asimd",), "neon", "aarch64-linux-gnu-g++",
+        ),
+        _cuda(75, "T4, RTX 20xx"),
+        _cuda(80, "A100, RTX 30xx"),
+        _cuda(90, "H100, H200"),
     )
 }
 ALIASES = {"x86": "host"}
+# Linux arm64 AT_HWCAP bits of the features the presets name
+HWCAP_BITS = {"asimd": 1 << 1, "asimddp": 1 << 20}
 
 
 def host_preset() -> Preset:
-    """The machine this runs on: LLVM's name for its CPU, all cores."""
+    """The machine this runs on: LLVM's name for its CPU, the best GEMM tiles it has."""
     from tvm.target import codegen
 
-    cpu = codegen.llvm_get_system_cpu()
-    flags = tuple(sorted(set(cpu_flags()) & {"avx512f", "avx512bw", "avx512_vnni", "avx2", "fma"}))
-    return Preset("host", f"this machine ({cpu})", {"kind": "llvm", "mcpu": cpu}, platform.machine(), flags)
+    cpu, arch, flags = codegen.llvm_get_system_cpu(), platform.machine(), cpu_flags()
+    if arch == "aarch64":
+        isa = "sdot" if "asimddp" in flags else "neon"
+        target = {**ARM64, "mcpu": cpu, "mattr": ["+neon", "+dotprod"] if isa == "sdot" else ["+neon"]}
+        needs = ("asimd", "asimddp") if isa == "sdot" else ("asimd",)
+    else:
+        isa = "vnni" if "avx512_vnni" in flags else "avx2"
+        target = {"kind": "llvm", "mcpu": cpu}
+        needs = tuple(sorted(flags & {"avx512f", "avx512bw", "avx512_vnni", "avx2", "fma"}))
+    return Preset("host", f"this machine ({cpu})", target, arch, needs, isa)
 
 
 def get(name: str) -> Preset:
@@ -53,22 +91,41 @@ def get(name: str) -> Preset:
     if name == "host":
         return host_preset()
     if name not in PRESETS:
-        known = ", ".join(["host", "x86", *PRESETS])
-        raise ValueError(f"unknown target {name!r}; known targets: {known}")
+        raise ValueError(f"unknown target {name!r}; known targets: {', '.join(known())}")
     return PRESETS[name]
+
+
+def known() -> list[str]:
+    return ["host", *ALIASES, *PRESETS]
 
 
 def tvm_target(p: Preset, threads: int | None = None) -> "tvm.target.Target":  # noqa: F821
     import tvm
 
+    if p.device == "cuda":
+        return tvm.target.Target(p.target, host={"kind": "llvm"})
     return tvm.target.Target({**p.target, "num-cores": threads or os.cpu_count() or 1})
 
 
-def has_vnni(p: Preset) -> bool:
-    return "avx512_vnni" in p.cpu_flags
+def cross_compiler(p: Preset) -> str | None:
+    """The compiler that links the library here, or None for the native one; raises if missing."""
+    if p.cross is None or platform.machine() == p.arch:
+        return None
+    if shutil.which(p.cross) is None:
+        package = CROSS_PACKAGES.get(p.cross, p.cross)
+        raise FileNotFoundError(f"target {p.name} needs the cross-compiler {p.cross}: apt-get install {package}")
+    return p.cross
 
 
 def cpu_flags() -> set[str]:
+    if platform.machine() == "aarch64":
+        # the auxiliary vector, not /proc/cpuinfo: under qemu-user that file is the host's
+        import ctypes
+
+        getauxval = ctypes.CDLL(None).getauxval
+        getauxval.restype = ctypes.c_ulong
+        hwcap = getauxval(16)  # AT_HWCAP
+        return {name for name, bit in HWCAP_BITS.items() if hwcap & bit}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -11,11 +11,13 @@ from tvm import te, tirx
 from ibert_tvm.program import Layer, Softmax
 
 from .common import I64, Consts, Kernel, c64, iexp, make_kernel, requant
-from .gemm import GROUP, LANES, int8_matmul, packable
+from .gemm import GROUP, LANES, U8_SHIFT, int8_matmul, packable
 
 
-def _operand(qkv: te.Tensor, batch: int, seq: int, hidden: int, heads: int, which: int, transpose: bool) -> tuple[te.Tensor, bool]:
-    """Stage one head operand as the GEMM's B: K as [S keys, d] or V^T as [d, S], packed if it fits.
+def _operand(qkv: te.Tensor, batch: int, seq: int, hidden: int, heads: int, which: int, transpose: bool,
+             with_sums: bool) -> tuple[te.Tensor, bool, te.Tensor | None]:
+    """One head operand as the GEMM's B: K as [S keys, d] or V^T as [d, S], packed if it fits,
+    plus, if asked, its sums over the reduced axis (block "ksum") for the shift's compensation.
 
     `which` is 1 for K, 2 for V (their column block in QKV).
     """
@@ -26,29 +28,26 @@ def _operand(qkv: te.Tensor, batch: int, seq: int, hidden: int, heads: int, whic
         s, dd = (kk, nn) if transpose else (nn, kk)
         return qkv[b * seq + s, which * hidden + h * d + dd]
 
+    sums = None
+    if with_sums:
+        r = te.reduce_axis((0, k), name="r")
+        sums = te.compute((batch, heads, n), lambda b, h, j: te.sum(at(b, h, j, r).astype("int32"), axis=r), name="ksum")
     if packable(n, k):
         shape = (batch, heads, n // LANES, k // GROUP, LANES, GROUP)
-        return te.compute(shape, lambda b, h, n0, k0, n1, k1: at(b, h, n0 * LANES + n1, k0 * GROUP + k1), name="B_pack"), True
-    return te.compute((batch, heads, n, k), at, name="B_pack"), False
+        return te.compute(shape, lambda b, h, n0, k0, n1, k1: at(b, h, n0 * LANES + n1, k0 * GROUP + k1), name="B_pack"), True, sums
+    return te.compute((batch, heads, n, k), at, name="B_pack"), False, sums
 
 
-def scores_kernel(name: str, batch: int, seq: int, hidden: int, heads: int) -> Kernel:
+def scores_kernel(name: str, batch: int, seq: int, hidden: int, heads: int, a_shift: int = U8_SHIFT) -> Kernel:
     d = hidden // heads
     qkv = te.placeholder((batch * seq, 3 * hidden), "int8", name="qkv")
-    kb, packed = _operand(qkv, batch, seq, hidden, heads, 1, transpose=False)
-    rd = te.reduce_axis((0, d), name="d")
-    # Q enters as u8 (q + 128): subtract 128 * sum_d K[key, d] per key.
-    ksum = te.compute(
-        (batch, heads, seq),
-        lambda b, h, j: te.sum(qkv[b * seq + j, hidden + h * d + rd].astype("int32"), axis=rd),
-        name="ksum",
-    )
+    kb, packed, ksum = _operand(qkv, batch, seq, hidden, heads, 1, False, a_shift != 0)
     out = int8_matmul(
         (batch, heads), seq, seq, d,
         lambda b, h, i, kk: qkv[b * seq + i, h * d + kk],
         kb, packed,
-        lambda acc, b, h, i, j: acc - 128 * ksum[b, h, j],
-        "int32",
+        lambda acc, b, h, i, j: acc - a_shift * ksum[b, h, j] if ksum is not None else acc,
+        "int32", a_shift,
     )
     return make_kernel(name, "gemm", [qkv], out, Consts(name))
 
@@ -84,18 +83,21 @@ def softmax_kernel(name: str, sm: Softmax, batch: int, heads: int, seq: int) -> 
     return make_kernel(name, "rowwise", [scores, mask], out, Consts(name))
 
 
-def context_kernel(name: str, layer: Layer, batch: int, seq: int, hidden: int, heads: int) -> Kernel:
+def context_kernel(name: str, layer: Layer, batch: int, seq: int, hidden: int, heads: int,
+                   a_shift: int = U8_SHIFT) -> Kernel:
     d = hidden // heads
     consts = Consts(name)
     probs = te.placeholder((batch, heads, seq, seq), "uint8", name="probs")
     qkv = te.placeholder((batch * seq, 3 * hidden), "int8", name="qkv")
-    vb, packed = _operand(qkv, batch, seq, hidden, heads, 2, transpose=True)
+    # u8 probabilities enter the GEMM as p - 128 (int8), which its A stage shifts by a_shift: with
+    # 128 (x86) that is p itself; with 0 the missing 128 * sum_keys V comes back per column.
+    missing = U8_SHIFT - a_shift
+    vb, packed, vsum = _operand(qkv, batch, seq, hidden, heads, 2, True, missing != 0)
     out = int8_matmul(
         (batch, heads), seq, d, seq,
-        # probabilities are already u8: hand the GEMM p - 128 so its +128 stage restores p exactly
         lambda b, h, i, kk: (probs[b, h, i, kk].astype("int32") - 128),
         vb, packed,
-        lambda acc, b, h, i, n: requant(acc, layer.ctx_out, consts),
-        "int8",
+        lambda acc, b, h, i, n: requant(acc + missing * vsum[b, h, n] if vsum is not None else acc, layer.ctx_out, consts),
+        "int8", a_shift,
     )
     return make_kernel(name, "gemm", [probs, qkv], out, consts)

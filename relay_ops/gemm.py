@@ -1,11 +1,13 @@
 """INT8 x INT8 -> INT32 matrix products with a fused integer epilogue.
 
-Layout, chosen for x86 VNNI (`vpdpbusd` multiplies u8 by s8) and usable by any schedule:
-- A, the activation, is staged as u8 = int8 + 128 (block "A_u8"), which also lets the stage
-  re-index its source (take the CLS row, merge heads) for free;
+Layout, usable by every schedule:
+- A, the activation, is staged (block "A") as int8 + a_shift: x86 VNNI (`vpdpbusd`) multiplies
+  u8 by s8, so there a_shift is 128 and A is u8; ARM `sdot` and CUDA `dp4a` take s8 x s8 and
+  a_shift is 0. The stage also re-indexes its source (the CLS row, merged heads) for free;
 - B, the weight, is packed [N/16, K/4, 16, 4] (block "B_pack" when packed at run time);
-- the +128 is undone by subtracting 128 * sum_k B[n, k], folded into the bias for constant
-  weights and computed per column for run-time operands (attention);
+- the shift is undone by subtracting a_shift * sum_k B[n, k], folded into the bias for constant
+  weights and computed per column for run-time operands (attention). Every flavour therefore
+  produces the same integers: the libraries of all targets are bit-identical;
 - the accumulator (block "C") feeds the epilogue (block "O") tile by tile.
 Shapes whose N is not a multiple of 16 or K not a multiple of 4 use B unpacked.
 """
@@ -19,6 +21,7 @@ import tvm.ir.expr
 from tvm import te, tirx
 
 LANES, GROUP = 16, 4
+U8_SHIFT = 128  # x86's a_shift
 
 Expr = tvm.ir.expr.Expr
 
@@ -34,9 +37,9 @@ def pack_weight(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(t, -3, -2))
 
 
-def compensation(w: np.ndarray) -> np.ndarray:
-    """128 * sum_k W[n, k]: what the u8 shift of A adds to every output column."""
-    return (128 * w.astype(np.int64).sum(-1)).astype(np.int32)
+def compensation(w: np.ndarray, a_shift: int) -> np.ndarray:
+    """a_shift * sum_k W[n, k]: what the shift of A adds to every output column."""
+    return (a_shift * w.astype(np.int64).sum(-1)).astype(np.int32)
 
 
 def b_reader(b: te.Tensor, packed: bool) -> Callable[..., Expr]:
@@ -56,13 +59,15 @@ def int8_matmul(
     packed: bool,
     epilogue: Callable[..., Expr],
     out_dtype: str,
+    a_shift: int,
 ) -> te.Tensor:
-    """O[*batch, m, n] = epilogue(sum_k (A + 128)[.., m, k] * B[.., n, k], *batch, m, n).
+    """O[*batch, m, n] = epilogue(sum_k (A + a_shift)[.., m, k] * B[.., n, k], *batch, m, n).
 
-    The epilogue receives the raw u8 x s8 sum: it must subtract the compensation itself (it knows
+    The epilogue receives the raw sum: it must subtract the compensation itself (it knows
     whether it is a constant folded into the bias or a run-time column sum).
     """
-    a = te.compute((*batch, m, k), lambda *i: (a_int8(*i).astype("int32") + 128).astype("uint8"), name="A_u8")
+    dtype = "uint8" if a_shift else "int8"
+    a = te.compute((*batch, m, k), lambda *i: (a_int8(*i).astype("int32") + a_shift).astype(dtype), name="A")
     rk = te.reduce_axis((0, k), name="k")
     read_b = b_reader(b, packed)
     acc = te.compute(

@@ -11,7 +11,7 @@ from tvm import te, tirx
 from ibert_tvm.program import INT22, Gelu, Linear, Requant, Tanh
 
 from .common import I64, Consts, Kernel, c64, chain, clamp, iexp, make_kernel, requant
-from .gemm import compensation, int8_matmul, pack_weight, packable
+from .gemm import U8_SHIFT, compensation, int8_matmul, pack_weight, packable
 
 Expr = tvm.ir.expr.Expr
 Epilogue = Callable[[Expr, Expr, Consts, list[te.Tensor]], Expr]
@@ -26,6 +26,7 @@ def linear_kernel(
     extra_inputs: tuple[tuple[tuple[int, ...], str], ...] = (),
     x_shape: tuple[int, ...] | None = None,
     read: Callable[[te.Tensor, Expr, Expr], Expr] | None = None,
+    a_shift: int = U8_SHIFT,
 ) -> Kernel:
     """x [m, K] times W.T, then epilogue; `x_shape` + `read(x, row, k)` re-index another layout.
 
@@ -35,14 +36,14 @@ def linear_kernel(
     consts = Consts(name)
     packed = packable(n, k)
     w = consts.add(pack_weight(lin.weight) if packed else lin.weight, "w")
-    bias = consts.add((lin.bias.astype(np.int64) - compensation(lin.weight)).astype(np.int32), "b")
+    bias = consts.add((lin.bias.astype(np.int64) - compensation(lin.weight, a_shift)).astype(np.int32), "b")
     x = te.placeholder(x_shape or (m, k), "int8", name="x")
     a = (lambda i, kk: read(x, i, kk)) if read else (lambda i, kk: x[i, kk])
     extras = [te.placeholder(shape, dtype, name=f"in{j}") for j, (shape, dtype) in enumerate(extra_inputs)]
     out = int8_matmul(
         (), m, n, k, a, w, packed,
         lambda acc, i, j: epilogue(acc + bias[j], j, consts, extras, i),
-        out_dtype,
+        out_dtype, a_shift,
     )
     return make_kernel(name, "gemm", [x, *extras], out, consts)
 

@@ -18,17 +18,17 @@ from tqdm import tqdm
 
 from relay_ops.gemm import packable
 
-from . import x86
+from . import cpu
 
 RECORDS = Path(__file__).parent / "records"
 
 
-def record_file(cpu: str, folder: Path = RECORDS) -> Path:
-    return folder / f"{cpu}.json"
+def record_file(cpu_name: str, folder: Path = RECORDS) -> Path:
+    return folder / f"{cpu_name}.json"
 
 
-def load(cpu: str, folder: Path = RECORDS) -> dict[str, list[int]]:
-    f = record_file(cpu, folder)
+def load(cpu_name: str, folder: Path = RECORDS) -> dict[str, list[int]]:
+    f = record_file(cpu_name, folder)
     return json.loads(f.read_text()) if f.exists() else {}
 
 
@@ -41,23 +41,23 @@ def _time(func: tvm.tirx.PrimFunc, target: tvm.target.Target, args: list) -> flo
     return lib.time_evaluator("main", tvm.cpu(), number=10, repeat=3)(*args).median
 
 
-def tune(mod: tvm.IRModule, cpu: str, target: tvm.target.Target, vnni: bool, folder: Path = RECORDS,
+def tune(mod: tvm.IRModule, cpu_name: str, target: tvm.target.Target, isa: cpu.Isa, folder: Path = RECORDS,
          progress: bool = True) -> dict[str, list[int]]:
     """Measure every tile candidate of each GEMM shape not yet recorded; save and return records."""
-    records = load(cpu, folder)
+    records = load(cpu_name, folder)
     todo = {}
     for gv, func in mod.functions.items():
         if isinstance(func, tvm.tirx.PrimFunc) and "ibert.kind" in func.attrs:
-            shape = x86.gemm_shape(func)
+            shape = cpu.gemm_shape(func)
             if shape and packable(shape[-2], shape[-1]) and key(gv.name_hint, shape) not in records:
                 todo.setdefault(key(gv.name_hint, shape), (func, shape))
     rng = np.random.default_rng(0)
     for k, (func, shape) in tqdm(todo.items(), desc="tuning GEMM tiles", disable=not progress):
         args = [tvm.runtime.tensor(rng.integers(-3, 3, [int(d) for d in b.shape]).astype(b.dtype)) for b in func.params]
-        timings = [(_time(x86.schedule(func, vnni, t), target, args), t) for t in x86.tile_candidates(*shape[-3:-1])]
+        timings = [(_time(cpu.schedule(func, isa, t), target, args), t) for t in cpu.tile_candidates(*shape[-3:-1], isa)]
         records[k] = list(min(timings)[1])
     if todo:
         folder.mkdir(parents=True, exist_ok=True)
         lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(records.items())]
-        record_file(cpu, folder).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+        record_file(cpu_name, folder).write_text("{\n" + ",\n".join(lines) + "\n}\n")
     return records

@@ -19,19 +19,20 @@ CASES = [pytest.param(shape, kind, id=f"{shape}-{kind}") for shape in SHAPES for
 
 
 @functools.cache
-def executable(kind: str, shape: str, preset: str):
+def executable(kind: str, shape: str, preset: str, a_shift: int | None = None):
     from ibert_tvm import targets
     from ibert_tvm.build import compile_graph
     from ibert_tvm.graph import build_graph
 
     spec, batch, seq = SHAPES[shape]
-    graph = build_graph(calibrated(kind, spec)[1], batch, seq)
-    return compile_graph(graph, targets.get(preset)), graph.params
+    p = targets.get(preset)
+    graph = build_graph(calibrated(kind, spec)[1], batch, seq, p.a_shift if a_shift is None else a_shift)
+    return compile_graph(graph, p), graph.params
 
 
 @pytest.fixture(scope="session")
 def compiled():
-    """`compiled(kind, shape, preset) -> (executable, params)`, cached for the session."""
+    """`compiled(kind, shape, preset[, a_shift]) -> (executable, params)`, cached for the session."""
     return executable
 
 
@@ -52,12 +53,12 @@ def run_tvm(ex, params, ids, mask) -> list[np.ndarray]:
     return [o.numpy() for o in vm["main"](*args)]
 
 
-def assert_bit_exact(kind, shape, preset, compiled):
+def assert_bit_exact(kind, shape, preset, compiled, a_shift=None):
     from ibert_tvm import reference
 
     program = calibrated(kind, SHAPES[shape][0])[1]
     ids, mask = inputs(shape)
-    got = run_tvm(*compiled(kind, shape, preset), ids, mask)
+    got = run_tvm(*compiled(kind, shape, preset, a_shift), ids, mask)
     want = reference.run(program, ids, mask)
     assert len(got) == len(program.outputs)
     for name, out in zip(program.outputs, got):
@@ -79,6 +80,18 @@ def test_tvm_equals_reference_avx2_schedule(kind, compiled):
     if not set(targets.get("x86-avx2").cpu_flags) <= targets.cpu_flags():
         pytest.skip("this CPU lacks AVX2")
     assert_bit_exact(kind, "h48-l1-b3-s10", "x86-avx2", compiled)
+
+
+@pytest.mark.parametrize("shape", ["h32-l1-b2-s16", "h48-l1-b3-s10"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_signed_operand_form_equals_reference(shape, kind, compiled):
+    """The s8 x s8 GEMM form of ARM and CUDA (a_shift 0, run-time V sums in the context GEMM),
+    run here through the LLVM-vectorized x86 schedule."""
+    from ibert_tvm import targets
+
+    if not set(targets.get("x86-avx2").cpu_flags) <= targets.cpu_flags():
+        pytest.skip("this CPU lacks AVX2")
+    assert_bit_exact(kind, shape, "x86-avx2", compiled, a_shift=0)
 
 
 def test_outputs_are_not_trivial(compiled):

@@ -12,11 +12,11 @@ from ibert_tvm.importer import EXP_CONST, iexp, tanh_of
 from ibert_tvm.program import INT16, Linear, Softmax
 from relay_ops.attention import softmax_kernel
 from relay_ops.linear import linear_kernel, tanh_epilogue
-from schedules import x86
+from schedules import cpu
 
 
 def run_kernel(kernel, *inputs: np.ndarray) -> np.ndarray:
-    func = x86.schedule(kernel.func, targets.has_vnni(targets.get("host")))
+    func = cpu.schedule(kernel.func, cpu.ISAS[targets.get("host").isa])
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), targets.tvm_target(targets.get("host")))
     out = tvm.runtime.tensor(np.zeros(kernel.out_shape, kernel.out_dtype))
     lib["main"](*[tvm.runtime.tensor(a) for a in (*inputs, *kernel.consts)], out)

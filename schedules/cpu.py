@@ -1,23 +1,48 @@
-"""x86 schedules: VNNI-tensorized register tiles for INT8 GEMMs, parallel + vector loops elsewhere.
+"""CPU schedules (x86 and ARM): tensorized register tiles for INT8 GEMMs, parallel + vector loops
+elsewhere.
 
-GEMM kernels (`ibert.kind == "gemm"`, blocks A_u8 / C / O from `relay_ops.gemm`) are tiled MB rows
+GEMM kernels (`ibert.kind == "gemm"`, blocks A / C / O from `relay_ops.gemm`) are tiled MB rows
 x NB*16 columns; the accumulator is a per-tile local buffer (registers) computed under the
 epilogue's tile loop, so the epilogue (requantization, GELU, residual) reads it straight back.
 Each kernel has a single parallel loop; its operand stages are computed inside it.
-With VNNI the inner 16x4 product is `vpdpbusd`; without, LLVM vectorizes the same tile.
+The inner 16x4 product is an ISA's dot-product intrinsic (x86 `vpdpbusd`, ARM `sdot`); without
+one (AVX2, plain NEON) LLVM vectorizes the same tile with widening multiplies.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import takewhile
 
 from tvm import s_tir, tirx
 
 from relay_ops.gemm import GROUP, LANES, packable
 
-from .x86_intrin import VNNI_INTRIN
+from .intrin import SDOT_INTRIN, VNNI_INTRIN
 
-# Without a tuning record: 8 x 2 (16 accumulators), what the tuner picks for most shapes here.
+
+@dataclass(frozen=True)
+class Isa:
+    """What a GEMM register tile is made of on one instruction set."""
+
+    name: str
+    intrin: str | None  # 16x4 tensor intrinsic; None: LLVM vectorizes the tile
+    regs_per_group: int  # vector registers that hold 16 int32 accumulators
+    registers: int  # vector registers of the ISA
+
+
+ISAS = {
+    i.name: i
+    for i in (
+        Isa("vnni", VNNI_INTRIN, 1, 32),
+        Isa("avx2", None, 2, 16),
+        Isa("sdot", SDOT_INTRIN, 4, 32),
+        Isa("neon", None, 4, 32),
+    )
+}
+
+# Without a tuning record: the largest of these that fits the registers; 8 x 2 on AVX-512, what
+# the tuner picks for most shapes there.
 ROW_TILES = (8, 4, 2, 1)
 COL_TILES = (2, 1)
 Tiles = tuple[int, int]  # (rows, 16-column groups) of one register tile
@@ -31,20 +56,26 @@ def gemm_shape(func: tirx.PrimFunc) -> tuple[int, ...] | None:
     return tuple(_extents(sch, sch.get_sblock("C")))
 
 
-def tile_candidates(m: int, n: int) -> list[Tiles]:
-    """Register tiles that divide the shape and fit AVX-512's 32 vector registers."""
+def _fits(isa: Isa, r: int, c: int) -> bool:
+    """Accumulators leave 4 registers for operands, and fill at least 4 (enough independent chains)."""
+    return 4 <= r * c * isa.regs_per_group <= isa.registers - 4
+
+
+def tile_candidates(m: int, n: int, isa: Isa) -> list[Tiles]:
+    """Register tiles that divide the shape and fit the ISA's vector registers."""
     rows = [t for t in (1, 2, 3, 4, 6, 8) if m % t == 0]
     cols = [t for t in (1, 2, 3, 4, 6, 8) if (n // LANES) % t == 0]
-    return [(r, c) for r in rows for c in cols if 4 <= r * c <= 28]
+    return [(r, c) for r in rows for c in cols if _fits(isa, r, c)]
 
 
-def default_tiles(m: int, n: int) -> Tiles:
-    return next(t for t in ROW_TILES if m % t == 0), next(t for t in COL_TILES if (n // LANES) % t == 0)
+def default_tiles(m: int, n: int, isa: Isa) -> Tiles:
+    fitting = ((r, c) for r in ROW_TILES for c in COL_TILES if m % r == 0 and (n // LANES) % c == 0 and _fits(isa, r, c))
+    return next(fitting, (1, 1))
 
 
-def schedule(func: tirx.PrimFunc, vnni: bool, tiles: Tiles | None = None) -> tirx.PrimFunc:
+def schedule(func: tirx.PrimFunc, isa: Isa, tiles: Tiles | None = None) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
-    if func.attrs["ibert.kind"] == "gemm" and _gemm(sch, vnni, tiles):
+    if func.attrs["ibert.kind"] == "gemm" and _gemm(sch, isa, tiles):
         return sch.mod["main"]
     sch = s_tir.Schedule(func)
     if func.attrs["ibert.kind"] == "rowwise" and _rowwise(sch):
@@ -58,12 +89,12 @@ def _extents(sch: s_tir.Schedule, block) -> list[int]:
     return [int(sch.get(l).extent) for l in sch.get_loops(block)]
 
 
-def _gemm(sch: s_tir.Schedule, vnni: bool, tiles: Tiles | None) -> bool:
+def _gemm(sch: s_tir.Schedule, isa: Isa, tiles: Tiles | None) -> bool:
     c, o = sch.get_sblock("C"), sch.get_sblock("O")
     *batch, m, n, k = _extents(sch, c)
     if not packable(n, k):
         return False
-    mb, nb = tiles or default_tiles(m, n)
+    mb, nb = tiles or default_tiles(m, n, isa)
     *bl, oi, oj = sch.get_loops(o)
     oi0, oi1 = sch.split(oi, [None, mb])
     oj0, oj1 = sch.split(oj, [None, nb * LANES])
@@ -79,16 +110,16 @@ def _gemm(sch: s_tir.Schedule, vnni: bool, tiles: Tiles | None) -> bool:
     # or row tiles. Per-head operands (packed K/V, key sums) and each row tile's u8 activations
     # are staged inside it, once, and reused by every column tile.
     par = sch.fuse(*bl) if bl else oi0
-    staged = [(name, at) for name, at in (("B_pack", par), ("ksum", par), ("A_u8", oi0)) if _has_block(sch, name)]
+    staged = [(name, at) for name, at in (("B_pack", par), ("ksum", par), ("A", oi0)) if _has_block(sch, name)]
     for name, at in staged:
         sch.compute_at(sch.get_sblock(name), at, preserve_unit_loops=False)
     sch.parallel(par)
-    if not vnni:  # LLVM vectorizes the 16 lanes; must precede decompose_reduction
+    if isa.intrin is None:  # LLVM vectorizes the 16 lanes; must precede decompose_reduction
         sch.reorder(k1, a11)
         sch.vectorize(a11)
     init = sch.decompose_reduction(c, k0)
-    if vnni:
-        sch.tensorize(a11, VNNI_INTRIN)
+    if isa.intrin is not None:
+        sch.tensorize(a11, isa.intrin)
     for loop in (rows, a10):
         if loop is not None:
             sch.unroll(loop)

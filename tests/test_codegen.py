@@ -1,0 +1,58 @@
+"""Each CPU preset's INT8 GEMMs compile to its ISA: VNNI on AVX-512, sdot on ARM dotprod, and
+widening multiplies where the dot product is missing (AVX2, plain NEON)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tvm
+
+from ibert_tvm import build, targets
+from ibert_tvm.program import INT8, Linear, dyadic
+from relay_ops.linear import linear_kernel, requant_epilogue
+
+
+def gemm_asm(preset: str) -> str:
+    rng = np.random.default_rng(0)
+    lin = Linear(rng.integers(-127, 127, (64, 32)).astype(np.int8), rng.integers(-99, 99, 64).astype(np.int32))
+    p = targets.get(preset)
+    k = linear_kernel("g", lin, 8, requant_epilogue([dyadic(0.01, lin.acc_bound, INT8)]), "int8", a_shift=p.a_shift)
+    mod = build.schedule_module(tvm.IRModule({"g": k.func}), p)
+    return tvm.compile(mod, targets.tvm_target(p)).mod.inspect_source("asm")
+
+
+def test_vnni_target_uses_vpdpbusd():
+    assert "vpdpbusd" in gemm_asm("x86-avx512-vnni")
+
+
+def test_avx2_target_has_no_avx512():
+    asm = gemm_asm("x86-avx2")
+    assert "vpdpbusd" not in asm and "zmm" not in asm
+    assert "ymm" in asm  # still vectorized
+
+
+def test_arm_dotprod_target_uses_sdot():
+    assert "sdot" in gemm_asm("arm64-dotprod")
+
+
+def test_arm_neon_target_widens_without_sdot():
+    asm = gemm_asm("arm64-neon")
+    assert "sdot" not in asm
+    assert "smull" in asm or "smlal" in asm
+
+
+@pytest.mark.parametrize("name", ["x86-avx512-vnni", "x86-avx2", "arm64-dotprod", "arm64-neon", "host", "x86"])
+def test_cpu_presets_resolve(name):
+    p = targets.get(name)
+    assert p.target["kind"] == "llvm" and p.isa is not None
+
+
+def test_targets_command_lists_every_preset(capsys):
+    from ibert_tvm import cli
+
+    assert cli.main(["targets", "--json"]) == 0
+    names = [p["name"] for p in json.loads(capsys.readouterr().out)]
+    assert names == ["host", *targets.PRESETS]
+    assert {"x86-avx512-vnni", "x86-avx2", "arm64-dotprod", "arm64-neon", "cuda-sm75", "cuda-sm80", "cuda-sm90"} <= set(names)
