@@ -64,9 +64,9 @@ def cmd_targets(a: argparse.Namespace) -> int:
 def cmd_run(a: argparse.Namespace) -> int:
     from .runner import Runner, mean_pool
 
-    r = Runner(a.artifact, threads=a.threads)
-    ids, mask = r.encode(a.texts, truncate=a.truncate)
-    out = r.run(ids, mask)
+    with Runner(a.artifact, threads=a.threads, rpc=a.rpc, rpc_timeout=a.rpc_timeout) as r:
+        ids, mask = r.encode(a.texts, truncate=a.truncate)
+        out = r.run(ids, mask)
     result = []
     for i, text in enumerate(a.texts):
         item: dict = {"text": text}
@@ -140,6 +140,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.add_argument("--truncate", action="store_true", help="cut text longer than the compiled length")
     r.add_argument("--threads", type=int, help="worker threads (default: every CPU this process may use)")
+    r.add_argument("--rpc", metavar="HOST:PORT", help="run on a board serving `python -m tvm.exec.rpc_server`")
+    r.add_argument("--rpc-timeout", type=float, default=10.0, help="seconds to wait for the RPC server")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("demo", help="compile the default model here and compare sentence similarities with FP32")
     d.add_argument("-o", "--output", default="artifacts/default-host")
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"ibert-tvm: error: {err}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,7 @@ float step of the pipeline.
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from pathlib import Path
@@ -40,27 +41,51 @@ def use_threads(threads: int | None = None) -> int:
 
 
 class Runner:
-    def __init__(self, path: str | Path, threads: int | None = None):
-        """`threads`: worker threads for the library (default: every CPU this process may use)."""
-        self.threads = use_threads(threads)
+    def __init__(self, path: str | Path, threads: int | None = None, rpc: str | None = None,
+                 rpc_timeout: float = 10.0):
+        """`threads`: worker threads for the library (default: every CPU this process may use).
+        `rpc`: HOST:PORT of a `python -m tvm.exec.rpc_server` (a board) that runs the library;
+        the artifact stays here, its library is uploaded, inputs and outputs travel."""
         import tvm
         from safetensors.numpy import load_file
         from tvm.runtime.vm import VirtualMachine  # not tvm.relax: boards may have the runtime only
 
         self.path = Path(path)
         self.manifest = m = artifact.read(self.path)
-        check_runnable(m["target"]["arch"], m["target"]["cpu_flags"])
+        self._session = None
+        if rpc:
+            from .remote import connect
+
+            self.threads = None  # the board's runtime decides (TVM_NUM_THREADS there)
+            self._session = session = connect(rpc, rpc_timeout)
+            session.upload(str(self.path / artifact.LIBRARY))
+            lib = session.load_module(artifact.LIBRARY)
+            self._dev = session.cpu()
+        else:
+            self.threads = use_threads(threads)
+            check_runnable(m["target"]["arch"], m["target"]["cpu_flags"])
+            lib = tvm.runtime.load_module(str(self.path / artifact.LIBRARY))
+            self._dev = tvm.cpu()
         self.batch, self.seq_len = m["batch"], m["seq_len"]
         self.vocab, self.pad_id = m["vocab_size"], m["pad_id"]
         self.outputs: list[dict[str, Any]] = m["outputs"]
         self.scales = {o["name"]: np.asarray(o["scale"]) for o in self.outputs}
-        self._dev = tvm.cpu()
-        lib = tvm.runtime.load_module(str(self.path / artifact.LIBRARY))
         self._vm = VirtualMachine(lib, self._dev)
         params = load_file(str(self.path / artifact.PARAMS))
         self._params = [tvm.runtime.tensor(params[name], self._dev) for name in m["params"]]
         self._tensor = tvm.runtime.tensor
         self._tokenizer = None
+
+    def close(self) -> None:
+        """Release the library; over RPC this ends the session (a board serves one at a time)."""
+        self._vm = self._params = self._session = self._dev = None
+        gc.collect()  # the remote device and handles keep the session; some sit in reference cycles
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- text -------------------------------------------------------------------------------
     @property
@@ -130,7 +155,10 @@ class Runner:
         chunks: list[list[np.ndarray]] = []
         for r in range(0, rows, self.batch):
             args = [self._tensor(a[r : r + self.batch], self._dev) for a in (ids_p, mask_p, types_p)]
-            chunks.append([o.numpy() for o in self._vm["main"](*args, *self._params)])
+            # the stateful calls, because over RPC a returned tuple is a remote handle
+            self._vm.set_input("main", *args, *self._params)
+            self._vm.invoke_stateful("main")
+            chunks.append([o.numpy() for o in self._vm.get_outputs("main")])
         out: dict[str, Any] = {}
         for i, spec in enumerate(self.outputs):
             val = np.concatenate([c[i] for c in chunks])[:n]
