@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import tvm
 from tvm import relax
 
@@ -11,18 +13,18 @@ from . import targets
 from .graph import Graph
 
 
-def schedule_module(mod: tvm.IRModule, preset: targets.Preset) -> tvm.IRModule:
+def schedule_module(mod: tvm.IRModule, preset: targets.Preset, records: Path = tuning.RECORDS) -> tvm.IRModule:
     """Replace every integer kernel by its hand-scheduled version, with tuned tiles if recorded."""
     if preset.device == "cuda":
         from schedules import cuda
 
         sched = cuda.schedule
     else:
-        isa, records = cpu.ISAS[preset.isa], tuning.load(preset.target["mcpu"])
+        isa, tiles_of = cpu.ISAS[preset.isa], tuning.load(preset.target["mcpu"], records)
 
         def sched(func: tvm.tirx.PrimFunc, name: str) -> tvm.tirx.PrimFunc:
             shape = cpu.gemm_shape(func)
-            tiles = records.get(tuning.key(name, shape)) if shape else None
+            tiles = tiles_of.get(tuning.key(name, shape)) if shape else None
             return cpu.schedule(func, isa, tuple(tiles) if tiles else None)
 
     out = tvm.IRModule()
@@ -33,22 +35,33 @@ def schedule_module(mod: tvm.IRModule, preset: targets.Preset) -> tvm.IRModule:
     return out
 
 
-def tune_graph(graph: Graph, preset: targets.Preset, progress: bool = True) -> dict[str, list[int]]:
-    """Tune this graph's GEMM tiles on this machine; records go to schedules/records/<cpu>.json.
+def tune_graph(graph: Graph, preset: targets.Preset, trials: int | None = None, tracker: str | None = None,
+               key: str | None = None, records: Path = tuning.RECORDS, progress: bool = True) -> dict[str, list[int]]:
+    """Tune this graph's GEMM tiles; records go to `records`/<cpu>.json.
 
-    Kernels are timed with the thread count the runner will use (every CPU of this process)."""
+    Here, kernels are timed with the thread count the runner will use (every CPU of this process);
+    with `tracker` (HOST:PORT) and `key`, on a device of that kind from the RPC tracker."""
+    from . import remote
     from .runner import use_threads
 
     if preset.device != "cpu":
-        raise ValueError(f"tile tuning measures CPU kernels on this machine; {preset.name} is a {preset.device} target")
-    targets.check_runnable(preset.arch, list(preset.cpu_flags))
-    use_threads()
-    return tuning.tune(graph.module, preset.target["mcpu"], targets.tvm_target(preset), cpu.ISAS[preset.isa],
-                       progress=progress)
+        raise ValueError(f"tile tuning measures CPU kernels; {preset.name} is a {preset.device} target")
+    target = targets.tvm_target(preset)
+    if tracker:
+        if not key:
+            raise ValueError("tuning through an RPC tracker needs the device key (--key)")
+        remote.check_tracker(tracker, key)  # fail fast, with the address, if nobody answers
+        measure = tuning.rpc_measure(target, remote.parse_address(tracker), key, targets.cross_compiler(preset))
+    else:
+        targets.check_runnable(preset.arch, list(preset.cpu_flags))
+        use_threads()
+        measure = tuning.local_measure(target)
+    return tuning.tune(graph.module, preset.target["mcpu"], cpu.ISAS[preset.isa], measure, trials, records, progress)
 
 
-def compile_graph(graph: Graph, preset: targets.Preset, threads: int | None = None) -> relax.VMExecutable:
-    mod = schedule_module(graph.module, preset)
+def compile_graph(graph: Graph, preset: targets.Preset, threads: int | None = None,
+                  records: Path = tuning.RECORDS) -> relax.VMExecutable:
+    mod = schedule_module(graph.module, preset, records)
     target = targets.tvm_target(preset, threads)
     with target:
         return tvm.compile(mod, target=target)

@@ -28,7 +28,8 @@ def _options(a: argparse.Namespace, **extra):
     texts = _read_lines(a.calib_texts) if a.calib_texts else None
     if a.calib_texts and not texts:
         raise ValueError(f"calibration text file {a.calib_texts} is empty")
-    return CompileOptions(model=a.model, target=a.target, batch=a.batch, seq_len=a.seq_len, calib_texts=texts, **extra)
+    return CompileOptions(model=a.model, target=a.target, batch=a.batch, seq_len=a.seq_len, calib_texts=texts,
+                          records=Path(a.records) if a.records else None, **extra)
 
 
 def cmd_compile(a: argparse.Namespace) -> int:
@@ -41,8 +42,10 @@ def cmd_compile(a: argparse.Namespace) -> int:
 def cmd_tune(a: argparse.Namespace) -> int:
     from .compile import tune_model
 
-    records = tune_model(_options(a))
-    print(f"{len(records)} tile records for this CPU (schedules/records/)")
+    if a.trials is not None and a.trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {a.trials}")
+    records = tune_model(_options(a), a.trials, a.rpc_tracker, a.key)
+    print(f"{len(records)} tile records in {a.records or 'schedules/records'}/")
     return 0
 
 
@@ -118,6 +121,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--calib-texts", help="text file, one calibration sentence a line (needed when uncalibrated)")
+    p.add_argument("--records", help="tuning records folder (default: schedules/records)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -128,8 +132,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", default="artifacts/model")
     c.add_argument("--force", action="store_true", help="replace an existing artifact")
     c.set_defaults(fn=cmd_compile)
-    t = sub.add_parser("tune", help="measure GEMM tile sizes for a model's shapes on this machine; records are kept")
+    t = sub.add_parser("tune", help="measure GEMM tile sizes for a model's shapes (here, or on an RPC device farm); "
+                                    "records are kept and later compiles use them")
     _model_arguments(t)
+    t.add_argument("--trials", type=int, help="measure at most this many tiles in all (default: every candidate)")
+    t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on a device from this TVM RPC tracker")
+    t.add_argument("--key", help="the tracker's device key (e.g. the one given to rpc_server --key)")
     t.set_defaults(fn=cmd_tune)
     ts = sub.add_parser("targets", help="list the target presets")
     ts.add_argument("--json", action="store_true")

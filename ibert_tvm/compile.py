@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from schedules import tuning
+
 from . import artifact, targets
 from .program import IntProgram
 
@@ -26,6 +28,7 @@ class CompileOptions:
     calib_batch: int = 32
     force: bool = False
     progress: bool = True
+    records: Path | None = None  # tuning records folder (default: schedules/records)
 
 
 def versions() -> dict[str, str]:
@@ -93,7 +96,7 @@ def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptio
     preset = _preflight(opt)
     tok_file = checkpoint_dir / artifact.TOKENIZER
     graph = build_graph(program, opt.batch, opt.seq_len, preset.a_shift)
-    executable = compile_graph(graph, preset)
+    executable = compile_graph(graph, preset, records=opt.records or tuning.RECORDS)
     cross = targets.cross_compiler(preset)
 
     def fill(tmp: Path) -> dict[str, Any]:
@@ -132,12 +135,15 @@ def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptio
     return artifact.write(Path(opt.out), fill, force=opt.force)
 
 
-def tune_model(opt: CompileOptions) -> dict[str, list[int]]:
-    """Tune the GEMM tiles of `opt.model` at (batch, seq_len) on this machine; returns the records."""
+def tune_model(opt: CompileOptions, trials: int | None = None, tracker: str | None = None,
+               key: str | None = None) -> dict[str, list[int]]:
+    """Tune the GEMM tiles of `opt.model` at (batch, seq_len), here or on a tracker's `key`
+    device; returns the records."""
     from .build import tune_graph
     from .graph import build_graph
     from .importer import convert
 
     preset = _preflight(opt)
     model, _ = load_calibrated(opt)
-    return tune_graph(build_graph(convert(model), opt.batch, opt.seq_len, preset.a_shift), preset, progress=opt.progress)
+    graph = build_graph(convert(model), opt.batch, opt.seq_len, preset.a_shift)
+    return tune_graph(graph, preset, trials, tracker, key, opt.records or tuning.RECORDS, opt.progress)

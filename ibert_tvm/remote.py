@@ -43,10 +43,15 @@ def connect(address: str, timeout: float = 10.0) -> Any:
     return _with_deadline(f"RPC server {address}", lambda: rpc.connect(host, port), timeout)
 
 
-def request(tracker: str, key: str, timeout: float = 10.0) -> Any:
-    """A session with a device of kind `key` from the RPC tracker at HOST:PORT."""
+def check_tracker(tracker: str, key: str, timeout: float = 10.0) -> None:
+    """The RPC tracker at HOST:PORT answers and has a device registered under `key`."""
     from tvm import rpc
 
     host, port = parse_address(tracker)
     client = _with_deadline(f"RPC tracker {tracker}", lambda: rpc.connect_tracker(host, port), timeout)
-    return _with_deadline(f"a {key!r} device from RPC tracker {tracker}", lambda: client.request(key), timeout)
+    summary = _with_deadline(f"RPC tracker {tracker}", client.summary, timeout)
+    client.close()
+    # servers register as "server:KEY"
+    keys = sorted({info["key"].split(":", 1)[-1] for info in summary.get("server_info", [])})
+    if key not in keys:
+        raise ValueError(f"RPC tracker {tracker} has no device with key {key!r} (it has: {', '.join(keys) or 'none'})")

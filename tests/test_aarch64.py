@@ -8,12 +8,14 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from aarch64 import run_aarch64, sysroot_python
-from conftest import KINDS, random_inputs
+from conftest import CALIB_TEXTS, KINDS, random_inputs
 
 from ibert_tvm import reference
 from ibert_tvm.runner import Runner
@@ -111,22 +113,58 @@ def listening(port: int) -> bool:
     return any(int(r[1].split(":")[1], 16) == port and r[3] == "0A" for r in rows)
 
 
-@pytest.fixture(scope="session")
-def arm_board(tmp_path_factory):
-    """HOST:PORT of `python -m tvm.exec.rpc_server` running on aarch64 (qemu), runtime only."""
-    port, log = free_port(), tmp_path_factory.mktemp("rpc") / "server.log"
+def arm_rpc_server(port: int, log: Path, *extra: str) -> subprocess.Popen:
+    """`python -m tvm.exec.rpc_server` on aarch64 (qemu), with the TVM runtime alone."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    server = subprocess.Popen(
-        [str(sysroot_python()), "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
+    return subprocess.Popen(
+        [str(sysroot_python()), "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+         "--port-end", str(port + 1), *extra],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env={**env, "TVM_USE_RUNTIME_LIB": "1"},
     )
+
+
+def wait_until(ready, server: subprocess.Popen, log: Path) -> None:
     deadline = time.time() + QEMU_TIMEOUT
-    while not listening(port):  # it binds first and listens seconds later, in a child process
+    while not ready():
         assert server.poll() is None and time.time() < deadline, f"no RPC server:\n{log.read_text()[-2000:]}"
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def arm_board(tmp_path_factory):
+    """HOST:PORT of an aarch64 RPC server."""
+    port, log = free_port(), tmp_path_factory.mktemp("rpc") / "server.log"
+    server = arm_rpc_server(port, log)
+    wait_until(lambda: listening(port), server, log)  # it binds first, listens seconds later
     yield f"127.0.0.1:{port}"
     server.kill()
     server.wait()
+
+
+@pytest.fixture(scope="session")
+def arm_farm(tmp_path_factory):
+    """(HOST:PORT of an RPC tracker with one aarch64 board registered as "arm64", the board's log)."""
+    from ibert_tvm import remote
+
+    root = tmp_path_factory.mktemp("farm")
+    port = free_port()
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
+                                "--port-end", str(port + 1)], stdout=(root / "tracker.log").open("w"), stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    board = arm_rpc_server(free_port(), root / "board.log", "--tracker", address, "--key", "arm64")
+
+    def registered() -> bool:
+        try:
+            remote.check_tracker(address, "arm64")
+            return True
+        except (ValueError, ConnectionError, TimeoutError):
+            return False
+
+    wait_until(registered, board, root / "board.log")
+    yield address, root / "board.log"
+    for proc in (board, tracker):
+        proc.kill()
+        proc.wait()
 
 
 def test_run_over_rpc_on_arm_board_is_bit_identical(arm_board, arm_artifacts, artifacts):
@@ -163,3 +201,39 @@ def test_rpc_server_that_is_down_or_silent_fails_clearly(artifact):
         assert time.time() - start < 10
     with pytest.raises(ValueError, match="HOST:PORT"):
         Runner(artifact.path, rpc="no-port")
+
+
+def test_tune_on_a_board_through_the_tracker(arm_farm, artifact, tmp_path, capsys):
+    """MetaSchedule's RPC runner measures cross-compiled tile candidates on the farm's board."""
+    tracker, board_log = arm_farm
+    loaded = board_log.read_text().count("load_module")
+    from ibert_tvm import cli
+    from ibert_tvm.targets import PRESETS
+    from schedules import cpu, tuning
+
+    texts = tmp_path / "calib.txt"
+    texts.write_text("\n".join(CALIB_TEXTS))
+    argv = ["tune", "--model", str(artifact.checkpoint), "--target", "arm64-dotprod", "--batch", "2", "--seq-len", "16",
+            "--calib-texts", str(texts), "--records", str(tmp_path / "rec"), "--rpc-tracker", tracker, "--key", "arm64",
+            "--trials", "8"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert board_log.read_text().count("load_module") - loaded == 8  # every trial ran on the board
+    records = tuning.load(PRESETS["arm64-dotprod"].target["mcpu"], tmp_path / "rec")
+    assert {k.split(":")[0] for k in records} >= {"qkv", "inter", "ffn_out"}
+    for k, tiles in records.items():
+        m, n = map(int, k.split(":")[1].split("x")[-3:-1])
+        assert tuple(tiles) in cpu.tile_candidates(m, n, cpu.ISAS["sdot"]), k
+
+
+def test_tune_with_unknown_key_or_silent_tracker_fails_clearly(arm_farm, artifact, tmp_path, capsys):
+    from ibert_tvm import cli
+
+    texts = tmp_path / "calib.txt"
+    texts.write_text("\n".join(CALIB_TEXTS))
+    base = ["tune", "--model", str(artifact.checkpoint), "--target", "arm64-dotprod", "--seq-len", "16",
+            "--calib-texts", str(texts), "--records", str(tmp_path / "rec")]
+    assert cli.main([*base, "--rpc-tracker", arm_farm[0], "--key", "pi5"]) == 2
+    assert "has no device with key 'pi5' (it has: arm64)" in capsys.readouterr().err
+    assert cli.main([*base, "--rpc-tracker", f"127.0.0.1:{free_port()}", "--key", "arm64"]) == 2
+    assert "RPC tracker 127.0.0.1:" in capsys.readouterr().err
+    assert not (tmp_path / "rec").exists()
