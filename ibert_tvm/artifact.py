@@ -51,6 +51,9 @@ def write(out: Path, fill: Callable[[Path], dict[str, Any]], force: bool = False
     check_writable(out, force)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the artifact private to its builder
     try:
         manifest = {"format_version": FORMAT_VERSION, **fill(tmp)}
         manifest["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}

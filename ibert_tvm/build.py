@@ -18,7 +18,7 @@ def schedule_module(mod: tvm.IRModule, preset: targets.Preset, records: Path = t
     if preset.device == "cuda":
         from schedules import cuda
 
-        sched = cuda.schedule
+        sched = lambda func, name: cuda.schedule(func)  # noqa: E731
     else:
         isa, tiles_of = cpu.ISAS[preset.isa], tuning.load(preset.target["mcpu"], records)
 
@@ -61,6 +61,10 @@ def tune_graph(graph: Graph, preset: targets.Preset, trials: int | None = None, 
 
 def compile_graph(graph: Graph, preset: targets.Preset, threads: int | None = None,
                   records: Path = tuning.RECORDS) -> relax.VMExecutable:
+    if preset.device == "cuda":
+        from .cuda import ensure_cuda_codegen
+
+        ensure_cuda_codegen()
     mod = schedule_module(graph.module, preset, records)
     target = targets.tvm_target(preset, threads)
     with target:

@@ -105,6 +105,10 @@ def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptio
 
         fcompile = cc.cross_compiler(cross) if cross else None
         executable.export_library(str(tmp / artifact.LIBRARY), fcompile=fcompile)
+        if preset.device == "cuda":  # never ship CUDA source where a device binary was asked for
+            from .cuda import check_device_binary
+
+            check_device_binary(tmp / artifact.LIBRARY, preset.target["arch"])
         save_file({name: np.ascontiguousarray(a) for name, a in graph.params}, str(tmp / artifact.PARAMS))
         if tok_file.exists():
             shutil.copyfile(tok_file, tmp / artifact.TOKENIZER)

@@ -64,8 +64,13 @@ class Runner:
         else:
             self.threads = use_threads(threads)
             check_runnable(m["target"]["arch"], m["target"]["cpu_flags"])
+            if m["target"].get("device") == "cuda":
+                from .cuda import gpu_for
+
+                self._dev = gpu_for(m["target"]["tvm"]["arch"])
+            else:
+                self._dev = tvm.cpu()
             lib = tvm.runtime.load_module(str(self.path / artifact.LIBRARY))
-            self._dev = tvm.cpu()
         self.batch, self.seq_len = m["batch"], m["seq_len"]
         self.vocab, self.pad_id = m["vocab_size"], m["pad_id"]
         self.outputs: list[dict[str, Any]] = m["outputs"]

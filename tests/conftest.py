@@ -163,6 +163,19 @@ def artifacts(tmp_path_factory) -> dict[str, Artifact]:
     return out
 
 
+def recompile(artifacts: dict[str, Artifact], root: Path, plan: list[tuple[str, str]]) -> dict[tuple[str, str], Path]:
+    """The session artifacts' programs compiled again for other targets: (preset, kind) -> folder."""
+    from ibert_tvm.compile import CompileOptions, compile_program
+
+    out = {}
+    for preset, kind in plan:
+        a = artifacts[kind]
+        opt = CompileOptions(model=str(a.checkpoint), target=preset, batch=2, seq_len=16, out=root / f"{preset}-{kind}",
+                             progress=False)
+        out[preset, kind] = compile_program(a.program, a.checkpoint, opt)
+    return out
+
+
 @pytest.fixture(scope="session")
 def artifact(artifacts) -> Artifact:
     """The IBertModel (hidden states + pooler) artifact."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aarch64 import run_aarch64, sysroot_python
-from conftest import CALIB_TEXTS, KINDS, random_inputs
+from conftest import CALIB_TEXTS, KINDS, random_inputs, recompile
 
 from ibert_tvm import reference
 from ibert_tvm.runner import Runner
@@ -42,18 +42,8 @@ np.savez(out, **res)
 @pytest.fixture(scope="session")
 def arm_artifacts(artifacts, tmp_path_factory) -> dict[tuple[str, str], object]:
     """The session's tiny artifacts' programs, cross-compiled for each ARM preset."""
-    from ibert_tvm.compile import CompileOptions, compile_program
-
     sysroot_python()  # also installs the cross toolchain on a fresh machine
-    root = tmp_path_factory.mktemp("arm")
-    out = {}
-    for preset in PRESETS:
-        for kind in KINDS:
-            a = artifacts[kind]
-            opt = CompileOptions(model=str(a.checkpoint), target=preset, batch=2, seq_len=16,
-                                 out=root / f"{preset}-{kind}", progress=False)
-            out[preset, kind] = compile_program(a.program, a.checkpoint, opt)
-    return out
+    return recompile(artifacts, tmp_path_factory.mktemp("arm"), [(p, k) for p in PRESETS for k in KINDS])
 
 
 def test_arm_libraries_are_aarch64_shared_objects(arm_artifacts):

@@ -72,14 +72,15 @@ def test_tvm_equals_reference(shape, kind, compiled):
     assert_bit_exact(kind, shape, "host", compiled)
 
 
+@pytest.mark.parametrize("preset", ["x86-avx2", "x86-avx512-vnni"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_tvm_equals_reference_avx2_schedule(kind, compiled):
-    """The non-VNNI schedule (LLVM-vectorized tiles) on the x86-avx2 preset."""
+def test_tvm_equals_reference_x86_presets(kind, preset, compiled):
+    """The named x86 presets (x86-avx2: LLVM-vectorized tiles, no VNNI), besides `host`."""
     from ibert_tvm import targets
 
-    if not set(targets.get("x86-avx2").cpu_flags) <= targets.cpu_flags():
-        pytest.skip("this CPU lacks AVX2")
-    assert_bit_exact(kind, "h48-l1-b3-s10", "x86-avx2", compiled)
+    if not set(targets.get(preset).cpu_flags) <= targets.cpu_flags():
+        pytest.skip(f"this CPU cannot run {preset}")
+    assert_bit_exact(kind, "h48-l1-b3-s10", preset, compiled)
 
 
 @pytest.mark.parametrize("shape", ["h32-l1-b2-s16", "h48-l1-b3-s10"])

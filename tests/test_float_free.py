@@ -122,14 +122,20 @@ def test_relax_main_signature_is_integer(graph):
     assert dtypes <= {"int8", "uint8", "int32", "int64"}, dtypes
 
 
-@pytest.mark.parametrize("stage", ["relax", "scheduled"])
-def test_module_is_float_free(graph, stage):
+@pytest.mark.parametrize("stage", ["relax", "host", "x86-avx2", "arm64-dotprod", "arm64-neon", "cuda-sm75"])
+def test_module_is_float_free(program, graph, stage):
+    """Before and after each target's schedules (with the GEMM operand form of that target)."""
     from tvm import tirx
 
     from ibert_tvm import targets
     from ibert_tvm.build import schedule_module
+    from ibert_tvm.graph import build_graph
 
-    mod = graph.module if stage == "relax" else schedule_module(graph.module, targets.get("host"))
+    if stage == "relax":
+        mod = graph.module
+    else:
+        preset = targets.get(stage)
+        mod = schedule_module(build_graph(program, 2, 16, preset.a_shift).module, preset)
     prim_funcs = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc)]
     assert len(prim_funcs) >= 8
     found, kinds = float_nodes(mod)

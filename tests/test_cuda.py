@@ -1,0 +1,74 @@
+"""CUDA targets without a GPU: the compiled library embeds a device binary (SASS) for the asked
+arch, GEMMs use dp4a, the CUDA schedules' loop nests compute the reference's integers (checked on
+the CPU with thread bindings made serial), and the runner refuses the library here, clearly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import KINDS, random_inputs, recompile
+
+from ibert_tvm import reference, targets
+
+pytestmark = pytest.mark.slow
+ARCHS = ("cuda-sm75", "cuda-sm80", "cuda-sm90")
+
+
+@pytest.fixture(scope="session")
+def cuda_artifacts(artifacts, tmp_path_factory):
+    plan = [(p, k) for p in ARCHS for k in (KINDS if p == "cuda-sm75" else KINDS[:1])]
+    return recompile(artifacts, tmp_path_factory.mktemp("cuda"), plan)
+
+
+def test_library_holds_sass_for_its_arch_only(cuda_artifacts):
+    from ibert_tvm.cuda import device_images
+
+    for (preset, _), path in cuda_artifacts.items():
+        images = device_images(path / "model.so")
+        want = int(targets.get(preset).target["arch"].removeprefix("sm_"))
+        assert images and {(i.kind, i.arch) for i in images} == {("elf", want)}, (preset, images)
+
+
+def test_every_gemm_uses_dp4a(artifacts):
+    from ibert_tvm.build import schedule_module
+    from ibert_tvm.graph import build_graph
+
+    preset = targets.get("cuda-sm75")
+    mod = schedule_module(build_graph(artifacts["IBertModel"].program, 2, 16, preset.a_shift).module, preset)
+    how = {gv.name_hint: str(f.attrs["ibert.cuda_schedule"]) for gv, f in mod.functions.items() if "ibert.kind" in f.attrs}
+    gemms = [n for n, f in mod.functions.items() if "ibert.kind" in f.attrs and f.attrs["ibert.kind"] == "gemm"]
+    assert gemms and all(how[g.name_hint] == "gemm-dp4a" for g in gemms), how
+    assert how["l0_softmax"].startswith("rowwise") and how["l0_attn_ln"].startswith("rowwise")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_loop_nests_equal_reference_on_cpu(artifacts, kind, monkeypatch):
+    """The CUDA schedules with bind and tensorize made no-ops (threads run as serial loops, dp4a's
+    4-element loop stays a loop), compiled for this CPU: the same integers as the reference.
+    Barriers and TVM's cross-thread reduction lowering are only exercised on a GPU."""
+    import tvm
+    from tvm import relax, s_tir
+
+    from ibert_tvm.build import schedule_module
+    from ibert_tvm.graph import build_graph
+
+    monkeypatch.setattr(s_tir.Schedule, "bind", lambda self, loop, thread: None)
+    monkeypatch.setattr(s_tir.Schedule, "tensorize", lambda self, *a, **k: None)
+    program = artifacts[kind].program
+    graph = build_graph(program, 2, 16, targets.get("cuda-sm75").a_shift)
+    mod = schedule_module(graph.module, targets.get("cuda-sm75"))
+    ex = tvm.compile(mod, targets.tvm_target(targets.get("host")))
+    ids, mask = random_inputs(np.random.default_rng(4), 2, 16, pads=[0, 6])
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    outs = vm["main"](*[tvm.runtime.tensor(a) for a in (ids, mask, np.zeros_like(ids))],
+                      *[tvm.runtime.tensor(a) for _, a in graph.params])
+    want = reference.run(program, ids, mask)
+    for name, out in zip(program.outputs, outs):
+        np.testing.assert_array_equal(out.numpy(), want[name], err_msg=name)
+
+
+def test_runner_refuses_cuda_library_without_gpu(cuda_artifacts):
+    from ibert_tvm.runner import Runner
+
+    with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):
+        Runner(cuda_artifacts["cuda-sm75", "IBertModel"])
