@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one function per sequence-length bucket
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 PARAMS = "params.safetensors"
@@ -93,3 +93,12 @@ def read(path: Path) -> dict[str, Any]:
         if required not in manifest.get("files", {}):
             raise ArtifactError(f"{path}: manifest lists no {required}")
     return manifest
+
+
+def reuse(out: Path, build: Callable[[], Path]) -> Path:
+    """`out` when it holds an artifact this version reads (hashes checked), else `build()`."""
+    try:
+        read(out)
+        return Path(out)
+    except ArtifactError:
+        return build()

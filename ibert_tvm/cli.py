@@ -35,7 +35,7 @@ def _options(a: argparse.Namespace, **extra):
 def cmd_compile(a: argparse.Namespace) -> int:
     from .compile import compile_model
 
-    print(f"wrote {compile_model(_options(a, out=Path(a.output), force=a.force))}")
+    print(f"wrote {compile_model(_options(a, out=Path(a.output), force=a.force, buckets=tuple(a.buckets)))}")
     return 0
 
 
@@ -92,13 +92,17 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     """The main job: compile the default model for this CPU, compare similarities with FP32."""
+    from . import artifact
     from .compile import CompileOptions, compile_model
     from .fp32 import fp32_embeddings
     from .runner import Runner
 
     out = Path(a.output)
-    if not (out / "manifest.json").exists() or a.force:
-        compile_model(CompileOptions(model="default", target="host", batch=1, seq_len=a.seq_len, out=out, force=True))
+    opt = CompileOptions(model="default", target="host", batch=1, seq_len=a.seq_len, out=out, force=True)
+    if a.force:
+        compile_model(opt)
+    else:
+        artifact.reuse(out, lambda: compile_model(opt))
     r = Runner(out)
     ours = r.embed(DEMO_SENTENCES)
     ref = fp32_embeddings("default", DEMO_SENTENCES, a.seq_len)
@@ -131,6 +135,8 @@ def parser() -> argparse.ArgumentParser:
     _model_arguments(c)
     c.add_argument("-o", "--output", default="artifacts/model")
     c.add_argument("--force", action="store_true", help="replace an existing artifact")
+    c.add_argument("--buckets", type=int, nargs="+", default=[], metavar="LEN",
+                   help="also compile these shorter lengths; text runs at the shortest that holds it")
     c.set_defaults(fn=cmd_compile)
     t = sub.add_parser("tune", help="measure GEMM tile sizes for a model's shapes (here, or on an RPC device farm); "
                                     "records are kept and later compiles use them")
@@ -139,6 +145,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on a device from this TVM RPC tracker")
     t.add_argument("--key", help="the tracker's device key (e.g. the one given to rpc_server --key)")
     t.set_defaults(fn=cmd_tune)
+    from . import bench
+
+    b = sub.add_parser("bench", help="time the INT8 library against PyTorch, ONNX Runtime and HF, in one run",
+                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_arguments(b)
+    b.set_defaults(fn=bench.run)
     ts = sub.add_parser("targets", help="list the target presets")
     ts.add_argument("--json", action="store_true")
     ts.set_defaults(fn=cmd_targets)

@@ -22,7 +22,8 @@ class CompileOptions:
     model: str
     target: str = "host"
     batch: int = 1
-    seq_len: int = 128
+    seq_len: int = 128  # the longest compiled length
+    buckets: tuple[int, ...] = ()  # shorter lengths compiled too; the runner picks the smallest that fits
     out: Path = Path("artifacts/model")
     calib_texts: list[str] | None = None
     calib_batch: int = 32
@@ -53,6 +54,9 @@ def _preflight(opt: CompileOptions) -> targets.Preset:
     """Checks that need no model: run before loading one, so bad options fail in milliseconds."""
     if opt.batch < 1 or opt.seq_len < 1:
         raise ValueError(f"batch and seq_len must be positive, got {opt.batch} x {opt.seq_len}")
+    bad = [b for b in opt.buckets if not 1 <= b <= opt.seq_len]
+    if bad:
+        raise ValueError(f"sequence-length buckets must lie in [1, seq_len={opt.seq_len}], got {bad}")
     preset = targets.get(opt.target)
     targets.cross_compiler(preset)
     return preset
@@ -91,11 +95,12 @@ def compile_model(opt: CompileOptions) -> Path:
 def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptions) -> Path:
     """Integer program -> scheduled library -> artifact (tokenizer taken from `checkpoint_dir`)."""
     from .build import compile_graph
-    from .graph import INPUTS, build_graph
+    from .graph import INPUTS, build_graphs, function_name
 
     preset = _preflight(opt)
     tok_file = checkpoint_dir / artifact.TOKENIZER
-    graph = build_graph(program, opt.batch, opt.seq_len, preset.a_shift)
+    seq_lens = sorted({*opt.buckets, opt.seq_len})
+    graph = build_graphs(program, opt.batch, seq_lens, preset.a_shift)
     executable = compile_graph(graph, preset, records=opt.records or tuning.RECORDS)
     cross = targets.cross_compiler(preset)
 
@@ -125,6 +130,7 @@ def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptio
             },
             "batch": opt.batch,
             "seq_len": opt.seq_len,
+            "buckets": {str(n): function_name(n) for n in seq_lens},  # compiled length -> function
             "vocab_size": program.vocab,
             "pad_id": program.pad_id,
             "inputs": [{"name": n, "shape": [opt.batch, opt.seq_len], "dtype": "int32"} for n in INPUTS],

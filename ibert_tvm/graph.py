@@ -33,13 +33,17 @@ class Graph:
 
 
 class _Emitter:
-    def __init__(self, bb: relax.BlockBuilder):
-        self.bb = bb
+    """Adds kernels as `prefix + name` (unique across the functions of one module) and their
+    constants as parameters named without the prefix (the same arrays for every length)."""
+
+    def __init__(self, bb: relax.BlockBuilder, prefix: str):
+        self.bb, self.prefix = bb, prefix
         self.params: list[tuple[str, np.ndarray]] = []
         self.param_vars: list[relax.Var] = []
 
     def call(self, k: Kernel, *args: relax.Expr) -> relax.Var:
-        gv = self.bb.add_func(k.func, k.name)
+        symbol = self.prefix + k.name
+        gv = self.bb.add_func(k.func.with_attr("global_symbol", symbol), symbol)
         consts = []
         for i, arr in enumerate(k.consts):
             name = f"{k.name}.{i}"
@@ -50,7 +54,25 @@ class _Emitter:
         return self.bb.emit(relax.call_tir(gv, [*args, *consts], relax.TensorType(k.out_shape, k.out_dtype)))
 
 
-def build_graph(p: IntProgram, batch: int, seq: int, a_shift: int = U8_SHIFT) -> Graph:
+def function_name(seq: int) -> str:
+    return f"main_s{seq}"
+
+
+def build_graphs(p: IntProgram, batch: int, seqs: list[int], a_shift: int = U8_SHIFT) -> Graph:
+    """One module with a function per compiled sequence length (`function_name`), their kernels
+    prefixed `s{S}_`, all taking the same parameters."""
+    module, params = tvm.IRModule(), None
+    for seq in sorted(set(seqs)):
+        g = build_graph(p, batch, seq, a_shift, function_name(seq), f"s{seq}_")
+        if params is not None and [n for n, _ in g.params] != [n for n, _ in params]:
+            raise AssertionError("sequence-length buckets disagree on their parameters")
+        params = g.params
+        module.update(g.module)
+    return Graph(module, params or [])
+
+
+def build_graph(p: IntProgram, batch: int, seq: int, a_shift: int = U8_SHIFT, name: str = "main",
+                prefix: str = "") -> Graph:
     """`a_shift`: how the target's GEMMs take activations (relay_ops.gemm); outputs never change."""
     if seq > p.max_positions - p.pad_id - 1:
         raise ValueError(f"seq_len {seq} exceeds the model's {p.max_positions - p.pad_id - 1} positions")
@@ -60,10 +82,10 @@ def build_graph(p: IntProgram, batch: int, seq: int, a_shift: int = U8_SHIFT) ->
     bb = relax.BlockBuilder()
     ins = [relax.Var(n, relax.TensorType((batch, seq), "int32")) for n in INPUTS]
     ids, mask, types = ins
-    em = _Emitter(bb)
+    em = _Emitter(bb, prefix)
     # Parameters are only known once the body is emitted: build the body in a dataflow block of a
     # function whose parameter list is completed afterwards.
-    with bb.function("main"):
+    with bb.function(name):
         with bb.dataflow():
             x16 = em.call(embedding_kernel("embed", p.embeddings, p.pad_id, batch, seq), ids, types)
             x = em.call(layer_norm_kernel("embed_ln", p.embeddings.ln, rows, h), x16)

@@ -72,6 +72,7 @@ class Runner:
                 self._dev = tvm.cpu()
             lib = tvm.runtime.load_module(str(self.path / artifact.LIBRARY))
         self.batch, self.seq_len = m["batch"], m["seq_len"]
+        self.buckets: dict[int, str] = {int(n): f for n, f in sorted(m["buckets"].items(), key=lambda b: int(b[0]))}
         self.vocab, self.pad_id = m["vocab_size"], m["pad_id"]
         self.outputs: list[dict[str, Any]] = m["outputs"]
         self.scales = {o["name"]: np.asarray(o["scale"]) for o in self.outputs}
@@ -107,13 +108,17 @@ class Runner:
             self._tokenizer = tok
         return self._tokenizer
 
+    def bucket(self, tokens: int) -> int:
+        """The shortest compiled length that holds `tokens`."""
+        return next(n for n in self.buckets if n >= tokens)
+
     def encode(self, texts: list[str] | str, truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and attention mask [n, seq_len]; over-long text raises unless `truncate`."""
+        """Token ids and attention mask [n, L], L the shortest compiled length that holds the
+        longest text; over-long text raises unless `truncate`."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("no text given")
-        ids = np.full((len(texts), self.seq_len), self.pad_id, np.int32)
-        mask = np.zeros((len(texts), self.seq_len), np.int32)
+        encoded = []
         for i, enc in enumerate(self.tokenizer.encode_batch(texts)):
             toks = enc.ids
             if len(toks) > self.seq_len:
@@ -123,6 +128,11 @@ class Runner:
                         "(truncate=True / --truncate cuts it)"
                     )
                 toks = toks[: self.seq_len - 1] + toks[-1:]  # keep the closing [SEP]/</s>
+            encoded.append(toks)
+        width = self.bucket(max(map(len, encoded)))
+        ids = np.full((len(texts), width), self.pad_id, np.int32)
+        mask = np.zeros((len(texts), width), np.int32)
+        for i, toks in enumerate(encoded):
             ids[i, : len(toks)] = toks
             mask[i, : len(toks)] = 1
         return ids, mask
@@ -153,17 +163,18 @@ class Runner:
         if not np.isin(mask, (0, 1)).all():
             raise ValueError("attention_mask must be 0 or 1")
         n, s = ids.shape
-        # pad to the compiled length and a whole number of compiled batches
-        rows = -(-n // self.batch) * self.batch
-        full = lambda a, fill: np.pad(a, ((0, rows - n), (0, self.seq_len - s)), constant_values=fill).astype(np.int32)  # noqa: E731
+        # pad to the shortest compiled length that fits and a whole number of compiled batches
+        width, rows = self.bucket(s), -(-n // self.batch) * self.batch
+        main = self.buckets[width]
+        full = lambda a, fill: np.pad(a, ((0, rows - n), (0, width - s)), constant_values=fill).astype(np.int32)  # noqa: E731
         ids_p, mask_p, types_p = full(ids, self.pad_id), full(mask, 0), full(types, 0)
         chunks: list[list[np.ndarray]] = []
         for r in range(0, rows, self.batch):
             args = [self._tensor(a[r : r + self.batch], self._dev) for a in (ids_p, mask_p, types_p)]
             # the stateful calls, because over RPC a returned tuple is a remote handle
-            self._vm.set_input("main", *args, *self._params)
-            self._vm.invoke_stateful("main")
-            chunks.append([o.numpy() for o in self._vm.get_outputs("main")])
+            self._vm.set_input(main, *args, *self._params)
+            self._vm.invoke_stateful(main)
+            chunks.append([o.numpy() for o in self._vm.get_outputs(main)])
         out: dict[str, Any] = {}
         for i, spec in enumerate(self.outputs):
             val = np.concatenate([c[i] for c in chunks])[:n]

@@ -3,7 +3,7 @@
 The search space is small (register tiles that fit the vector registers), so the tuner measures
 every candidate (or a trial budget of them): on this machine, or on a board of a device farm
 through MetaSchedule's RPC runner and a tracker. A record maps "role:shape" (role = kernel name without its
-layer prefix, since every layer has the same shapes) to the fastest tile. Records live in
+length and layer prefixes, since every layer has the same shapes) to the fastest tile. Records live in
 `schedules/records/<cpu>.json`; the default model's shapes are shipped for this project's CPU.
 """
 
@@ -36,7 +36,7 @@ def load(cpu_name: str, folder: Path = RECORDS) -> dict[str, list[int]]:
 
 
 def key(name: str, shape: tuple[int, ...]) -> str:
-    return f"{re.sub(r'^l[0-9]+_', '', name)}:{'x'.join(map(str, shape))}"
+    return f"{re.sub(r'^(s[0-9]+_)?(l[0-9]+_)?', '', name)}:{'x'.join(map(str, shape))}"
 
 
 Measure = Callable[[tvm.tirx.PrimFunc], float]  # seconds per call of one scheduled kernel

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ibert_tvm import reference
+from ibert_tvm import artifact, reference
 from ibert_tvm.compile import CompileOptions, compile_program, load_calibrated
 from ibert_tvm.fp32 import fp32_model
 from ibert_tvm.importer import convert
@@ -57,9 +57,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for b, s in GRID:
         out = Path(f"artifacts/gpu-{a.target}-{b}x{s}")
-        if not (out / "manifest.json").exists():
-            compile_program(program, path, CompileOptions(model=a.model, target=a.target, batch=b, seq_len=s, out=out,
-                                                          force=True, progress=False))
+        opt = CompileOptions(model=a.model, target=a.target, batch=b, seq_len=s, out=out, force=True, progress=False)
+        artifact.reuse(out, lambda: compile_program(program, path, opt))
         r = Runner(out)
         rng = np.random.default_rng(b * 1000 + s)
         ids = rng.integers(1000, program.vocab, (b, s)).astype(np.int32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -110,7 +111,13 @@ def arm_rpc_server(port: int, log: Path, *extra: str) -> subprocess.Popen:
         [str(sysroot_python()), "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
          "--port-end", str(port + 1), *extra],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env={**env, "TVM_USE_RUNTIME_LIB": "1"},
+        start_new_session=True,  # its own process group: stop() also ends the workers it spawns
     )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def wait_until(ready, server: subprocess.Popen, log: Path) -> None:
@@ -127,8 +134,7 @@ def arm_board(tmp_path_factory):
     server = arm_rpc_server(port, log)
     wait_until(lambda: listening(port), server, log)  # it binds first, listens seconds later
     yield f"127.0.0.1:{port}"
-    server.kill()
-    server.wait()
+    stop(server)
 
 
 @pytest.fixture(scope="session")
@@ -139,7 +145,8 @@ def arm_farm(tmp_path_factory):
     root = tmp_path_factory.mktemp("farm")
     port = free_port()
     tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-                                "--port-end", str(port + 1)], stdout=(root / "tracker.log").open("w"), stderr=subprocess.STDOUT)
+                                "--port-end", str(port + 1)], stdout=(root / "tracker.log").open("w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
     address = f"127.0.0.1:{port}"
     board = arm_rpc_server(free_port(), root / "board.log", "--tracker", address, "--key", "arm64")
 
@@ -153,8 +160,7 @@ def arm_farm(tmp_path_factory):
     wait_until(registered, board, root / "board.log")
     yield address, root / "board.log"
     for proc in (board, tracker):
-        proc.kill()
-        proc.wait()
+        stop(proc)
 
 
 def test_run_over_rpc_on_arm_board_is_bit_identical(arm_board, arm_artifacts, artifacts):

@@ -342,3 +342,13 @@ def test_save_checkpoint_helper_sanity(tmp_path):
     model = checkpoint.load(path)
     assert type(model).__name__ == "IBertModel" and not checkpoint.is_calibrated(model)
     assert model.config.pad_token_id == PAD and model.config.vocab_size == VOCAB
+
+
+def test_reuse_rebuilds_what_this_version_cannot_read(artifact, tmp_path):
+    copy = tmp_path / "a"
+    shutil.copytree(artifact.path, copy)
+    built = []
+    assert art.reuse(copy, lambda: built.append(1) or copy) == copy and not built
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    assert art.reuse(copy, lambda: built.append(1) or copy) == copy and built == [1]
