@@ -5,8 +5,8 @@ process PyTorch's OpenMP pool and TVM's thread pool slow each other down), built
 other, then timed in interleaved blocks so machine drift hits all alike. Idle workers are frozen
 (SIGSTOP): an idle thread pool still spins and, on 2 cores, cost the measured system a third.
 Each block has untimed warm-up calls (calls after a pause are slow). Peak RSS is the worker's
-high-water mark (ru_maxrss), model loading included; the INT8 library's worker imports the TVM
-runtime only. "INT8 GEMM floor" times the model's matrix products alone with `torch._int_mm`
+high-water mark (VmHWM), model loading included; the INT8 library's worker loads the TVM
+runtime library only (TVM_USE_RUNTIME_LIB=1), as a deployment would. "INT8 GEMM floor" times the model's matrix products alone with `torch._int_mm`
 (oneDNN): the fraction of it a system reaches says how close to the hardware it is.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import resource
 import signal
 import time
 from collections.abc import Callable
@@ -84,6 +83,7 @@ def _system(name: str, model: str, batch: int, seq: int, threads: int, lib: Path
     ids = np.random.default_rng(0).integers(1000, 20000, (batch, seq)).astype(np.int64)
     mask = np.ones_like(ids)
     if name == OURS:
+        os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # as deployed: the runtime library, not the compiler
         from .runner import Runner
 
         r = Runner(lib, threads=threads)
@@ -161,7 +161,16 @@ def _worker(conn, name: str, model: str, batch: int, seq: int, threads: int, lib
             fn()
             times.append(time.perf_counter() - t)
         conn.send(times)
-    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux -> MiB
+    conn.send(peak_rss_mib())
+
+
+def peak_rss_mib() -> float:
+    """This process's high-water mark. Not ru_maxrss: Linux carries it across exec, so a spawned
+    worker would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def measure(systems: list[str], model: str, batch: int, seq: int, rounds: int, reps: int, threads: int

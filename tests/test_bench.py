@@ -1,0 +1,25 @@
+"""`ibert-tvm bench` runs its systems in worker processes and reports them (no timing asserted)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ibert_tvm import bench, cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_measure_runs_each_system_in_its_own_process():
+    res = bench.measure(["PyTorch FP32", bench.FLOOR], "default", 1, 32, rounds=2, reps=2, threads=1)
+    for name in ("PyTorch FP32", bench.FLOOR):
+        times, rss = res[name]
+        assert len(times) == 4 and min(times) > 0
+        assert 50 < rss < 4000  # MiB, this worker's own peak (not the parent's)
+    text = bench.table([("default", "1x32", {**res, "ONNX Runtime INT8": "failed: ModuleNotFoundError: onnxruntime"})])
+    assert "| default | 1x32 | PyTorch FP32 |" in text and "1.00x" in text
+    assert "| ONNX Runtime INT8 | failed: ModuleNotFoundError: onnxruntime |" in text
+
+
+def test_bad_shape_is_refused(capsys):
+    assert cli.main(["bench", "--shapes", "128"]) == 2
+    assert "shape must look like 1x128" in capsys.readouterr().err
