@@ -63,19 +63,22 @@ def artifact_for(model: str, batch: int, seq: int) -> Path:
     """The INT8 artifact for (model, batch, seq), compiled here once (in the parent: the worker
     that runs it must not import the compiler)."""
     from . import artifact
-    from .compile import CompileOptions, compile_model
+    from .compile import compile_model
 
     out = Path(f"artifacts/bench-{model}-{batch}x{seq}")
-    opt = CompileOptions(model=str(model_dir(model)) if model == "roberta-base" else model, batch=batch, seq_len=seq,
-                         out=out, force=True, progress=False,
-                         calib_texts=None if model == "default" else _calibration_texts())
+    opt = compile_options(model, batch=batch, seq_len=seq, out=out, force=True)
     return artifact.reuse(out, lambda: compile_model(opt))
 
 
-def _calibration_texts() -> list[str]:
-    from .compile import default_calibration_texts
+def compile_options(model: str, **fields) -> "CompileOptions":  # noqa: F821
+    """How a benchmark model is loaded and calibrated: `default` by its own rules, the random
+    roberta-base on the default calibration sentences."""
+    from .compile import CompileOptions, default_calibration_texts
 
-    return default_calibration_texts(64)
+    if model == "default":
+        return CompileOptions(model=model, progress=False, **fields)
+    return CompileOptions(model=str(model_dir(model)), calib_texts=default_calibration_texts(64), progress=False,
+                          **fields)
 
 
 def _system(name: str, model: str, batch: int, seq: int, threads: int, lib: Path | None) -> Callable[[], object]:
@@ -101,11 +104,9 @@ def _system(name: str, model: str, batch: int, seq: int, threads: int, lib: Path
     if name == FLOOR:
         return _gemm_floor(model, batch, seq)
     if name == "HF quant_mode=True":
-        from .compile import CompileOptions, load_calibrated
+        from .compile import load_calibrated
 
-        net, _ = load_calibrated(CompileOptions(model=str(model_dir(model)) if model == "roberta-base" else model,
-                                                seq_len=seq, progress=False,
-                                                calib_texts=None if model == "default" else _calibration_texts()))
+        net, _ = load_calibrated(compile_options(model, seq_len=seq))
     else:
         from .fp32 import fp32_model
 

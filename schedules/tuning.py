@@ -9,6 +9,7 @@ length and layer prefixes, since every layer has the same shapes) to the fastest
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import tempfile
@@ -79,7 +80,7 @@ def rpc_measure(target: tvm.target.Target, tracker: tuple[str, int], key: str, c
         f_alloc_argument=alloc_remote_args, max_workers=1,
     )
     work = Path(tempfile.mkdtemp(prefix="ibert-tvm-tune-"))
-    built = iter(range(1 << 30))
+    built = itertools.count()
 
     def measure(func: tvm.tirx.PrimFunc) -> float:
         path = work / f"k{next(built)}.so"
