@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 2  # 2: one function per sequence-length bucket
+FORMAT_VERSION = 3  # 2: one function per sequence-length bucket; 3: every IBert class (choices, seq_axis)
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 PARAMS = "params.safetensors"
@@ -45,19 +45,18 @@ def check_writable(out: Path, force: bool) -> None:
         raise PermissionError(f"cannot write the artifact {out}: {existing} is not a writable folder")
 
 
-def write(out: Path, fill: Callable[[Path], dict[str, Any]], force: bool = False) -> Path:
-    """Create the artifact via `fill(tmpdir) -> manifest fields`, hash every file, rename into place."""
+def write_dir(out: Path, fill: Callable[[Path], None], force: bool = False) -> Path:
+    """`fill(tmpdir)` a folder beside `out`, then rename it into place: never a half-written `out`
+    (artifacts, calibrated and fine-tuned checkpoints)."""
     out = Path(out)
     check_writable(out, force)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
     umask = os.umask(0)
     os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the artifact private to its builder
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the folder private to its writer
     try:
-        manifest = {"format_version": FORMAT_VERSION, **fill(tmp)}
-        manifest["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        fill(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -70,6 +69,17 @@ def write(out: Path, fill: Callable[[Path], dict[str, Any]], force: bool = False
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write(out: Path, fill: Callable[[Path], dict[str, Any]], force: bool = False) -> Path:
+    """Create the artifact via `fill(tmpdir) -> manifest fields`, hash every file, rename into place."""
+
+    def fill_and_hash(tmp: Path) -> None:
+        manifest = {"format_version": FORMAT_VERSION, **fill(tmp)}
+        manifest["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+    return write_dir(out, fill_and_hash, force)
 
 
 def read(path: Path) -> dict[str, Any]:

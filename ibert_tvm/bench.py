@@ -95,9 +95,9 @@ def _system(name: str, model: str, batch: int, seq: int, threads: int, lib: Path
         from .baselines import onnx_session
         from .fp32 import fp32_model
 
-        run = onnx_session(fp32_model(str(model_dir(model)), "IBertModel"), batch, seq, CACHE / "onnx", "INT8" in name,
-                           threads)
-        return lambda: run(ids, mask)
+        session = onnx_session(fp32_model(str(model_dir(model)), "IBertModel"), batch, seq, CACHE / "onnx",
+                               "INT8" in name, threads)
+        return lambda: session(ids, mask)
     import torch
 
     torch.set_num_threads(threads)

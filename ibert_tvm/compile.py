@@ -30,6 +30,16 @@ class CompileOptions:
     force: bool = False
     progress: bool = True
     records: Path | None = None  # tuning records folder (default: schedules/records)
+    choices: int | None = None  # multiple choice: most choices per question (default 4)
+
+    def choices_for(self, program: IntProgram) -> int:
+        if not program.multiple_choice:
+            if self.choices not in (None, 1):
+                raise ValueError(f"--choices is for multiple-choice models; this one is {program.model_class}")
+            return 1
+        if self.choices is not None and self.choices < 1:
+            raise ValueError(f"choices must be at least 1, got {self.choices}")
+        return self.choices or 4
 
 
 def versions() -> dict[str, str]:
@@ -100,7 +110,8 @@ def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptio
     preset = _preflight(opt)
     tok_file = checkpoint_dir / artifact.TOKENIZER
     seq_lens = sorted({*opt.buckets, opt.seq_len})
-    graph = build_graphs(program, opt.batch, seq_lens, preset.a_shift)
+    choices = opt.choices_for(program)
+    graph = build_graphs(program, opt.batch, seq_lens, preset.a_shift, choices)
     executable = compile_graph(graph, preset, records=opt.records or tuning.RECORDS)
     cross = targets.cross_compiler(preset)
 
@@ -133,8 +144,10 @@ def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptio
             "buckets": {str(n): function_name(n) for n in seq_lens},  # compiled length -> function
             "vocab_size": program.vocab,
             "pad_id": program.pad_id,
-            "inputs": [{"name": n, "shape": [opt.batch, opt.seq_len], "dtype": "int32"} for n in INPUTS],
-            "outputs": program.output_specs(opt.batch, opt.seq_len),
+            "choices": choices if program.multiple_choice else None,
+            "inputs": [{"name": n, "shape": program.input_shape(opt.batch, opt.seq_len, choices), "dtype": "int32"}
+                       for n in INPUTS],
+            "outputs": program.output_specs(opt.batch, opt.seq_len, choices),
             "label_names": program.label_names,
             "tokenizer": {"file": artifact.TOKENIZER if tok_file.exists() else None, "max_length": opt.seq_len,
                           "pad_id": program.pad_id},
@@ -155,5 +168,6 @@ def tune_model(opt: CompileOptions, trials: int | None = None, tracker: str | No
 
     preset = _preflight(opt)
     model, _ = load_calibrated(opt)
-    graph = build_graph(convert(model), opt.batch, opt.seq_len, preset.a_shift)
+    program = convert(model)
+    graph = build_graph(program, opt.batch, opt.seq_len, preset.a_shift, choices=opt.choices_for(program))
     return tune_graph(graph, preset, trials, tracker, key, opt.records or tuning.RECORDS, opt.progress)

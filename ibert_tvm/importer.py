@@ -20,6 +20,9 @@ from transformers.models.ibert import quant_modules as qm
 from .program import (
     INT8,
     INT16,
+    INT22,
+    OUTPUTS,
+    LMHead,
     Embeddings,
     Gelu,
     Head,
@@ -90,8 +93,9 @@ def tanh_of(acc_scale: np.ndarray, acc_bound: int) -> Tanh:
     return Tanh(to_fixed=to_fixed, exp=exp)
 
 
-def layer_norm(ln: qm.IntLayerNorm, out_scales: list[float]) -> LayerNorm:
-    """i-LayerNorm; `out_scales` are the QuantActs that follow, the first one per channel."""
+def layer_norm(ln: nn.Module, out_scales: list[float], out_clamp: tuple[int, int] = INT8) -> LayerNorm:
+    """i-LayerNorm of HF's IntLayerNorm or a float nn.LayerNorm (the LM head's); `out_scales` are
+    the QuantActs that follow, the first one per channel."""
     c = ln.normalized_shape if isinstance(ln.normalized_shape, int) else ln.normalized_shape[0]
     s = float(torch.sqrt(torch.tensor(float(c))) / 2**30)
     gamma = f32(ln.weight)
@@ -99,9 +103,11 @@ def layer_norm(ln: qm.IntLayerNorm, out_scales: list[float]) -> LayerNorm:
         raise ValueError("a LayerNorm weight is exactly 0: I-BERT folds beta/gamma, cannot map it")
     bias = np.floor(f32(ln.bias) / gamma / s).astype(np.int64)
     bound = LayerNorm.out_bound(c) + int(np.abs(bias).max(initial=0))
-    chain = [dyadic(s * gamma / out_scales[0], bound, clamp=INT8)]
+    chain = [dyadic(s * gamma / out_scales[0], bound, clamp=out_clamp)]
     chain += [dyadic(a / b, 128, clamp=INT8) for a, b in zip(out_scales, out_scales[1:])]
-    return LayerNorm(shift=int(ln.shift.item()), bias=bias, out=chain)
+    # An nn.LayerNorm has no overflow shift: its 22-bit input squares well inside int64.
+    shift = int(ln.shift.item()) if hasattr(ln, "shift") else 0
+    return LayerNorm(shift=shift, bias=bias, out=chain)
 
 
 def convert_embeddings(m: hf.IBertEmbeddings) -> tuple[Embeddings, float]:
@@ -151,20 +157,8 @@ def convert_layer(m: hf.IBertLayer, s_in: float) -> tuple[Layer, float]:
     s_ao, s_pi = act_scale(so.output_activation), act_scale(m.pre_intermediate_act)
 
     inter, s_i = quantize_linear(m.intermediate.dense, s_pi)
-    sp = s_i / GELU_K
-    b = np.floor(GELU_COEF[1] / sp).astype(np.int64)
-    c = np.floor(GELU_COEF[2] / sp**2).astype(np.int64)
-    s_erf = sp**2 * GELU_COEF[0] * 2.0**Gelu.ERF_SHIFT
-    one = np.floor(1.0 / s_erf).astype(np.int64)
-    erf_bound = int(((b.astype(object) ** 2 + np.abs(c)) >> Gelu.ERF_SHIFT).max()) + 1
-    g_bound = inter.acc_bound * (erf_bound + int(np.abs(one).max()))
     s_io, s_po = act_scale(m.intermediate.output_activation), act_scale(m.pre_output_act)
-    gelu = Gelu(
-        b=b,
-        c=c,
-        one=one,
-        out=[dyadic(s_i * s_erf / 2 / s_io, g_bound, clamp=INT8), dyadic(s_io / s_po, 128, clamp=INT8)],
-    )
+    gelu = gelu_of(inter, s_i, [s_io, s_po])
 
     out_dense, s_od = quantize_linear(m.output.dense, s_po)
     s_22b = act_scale(m.output.ln_input_act)
@@ -188,6 +182,20 @@ def convert_layer(m: hf.IBertLayer, s_in: float) -> tuple[Layer, float]:
     return layer, s_out
 
 
+def gelu_of(lin: Linear, s_acc: np.ndarray, out_scales: list[float], out_clamp: tuple[int, int] = INT8) -> Gelu:
+    """i-GELU on the per-channel accumulator of `lin`, then requantization to each of `out_scales`."""
+    sp = s_acc / GELU_K
+    b = np.floor(GELU_COEF[1] / sp).astype(np.int64)
+    c = np.floor(GELU_COEF[2] / sp**2).astype(np.int64)
+    s_erf = sp**2 * GELU_COEF[0] * 2.0**Gelu.ERF_SHIFT
+    one = np.floor(1.0 / s_erf).astype(np.int64)
+    erf_bound = int(((b.astype(object) ** 2 + np.abs(c)) >> Gelu.ERF_SHIFT).max()) + 1
+    g_bound = lin.acc_bound * (erf_bound + int(np.abs(one).max()))
+    out = [dyadic(s_acc * s_erf / 2 / out_scales[0], g_bound, clamp=out_clamp)]
+    out += [dyadic(a / b, 128, clamp=INT8) for a, b in zip(out_scales, out_scales[1:])]
+    return Gelu(b=b, c=c, one=one, out=out)
+
+
 def convert_head(dense: nn.Linear, out_proj: nn.Linear | None, s_in: float) -> tuple[Head, np.ndarray | None]:
     lin, s_acc = quantize_linear(dense, s_in)
     head = Head(dense=lin, tanh=tanh_of(s_acc, lin.acc_bound))
@@ -197,18 +205,51 @@ def convert_head(dense: nn.Linear, out_proj: nn.Linear | None, s_in: float) -> t
     return head, s_logit
 
 
+def range_scale(lo_hi: tuple[float, float], bits: int) -> float:
+    """Symmetric scale of a calibrated (min, max) range at `bits` bits, as HF's QuantAct."""
+    lim = max(abs(lo_hi[0]), abs(lo_hi[1]))
+    if lim <= 1.1e-5:
+        raise NotCalibratedError("a head activation range is empty: recalibrate the model")
+    return lim / (2 ** (bits - 1) - 1)
+
+
+def convert_lm_head(m: hf.IBertLMHead, s_in: float, ranges: dict[str, tuple[float, float]]) -> tuple[LMHead, np.ndarray]:
+    """The float LM head, integer: i-GELU into 22 bits, i-LayerNorm into int8, INT8 decoder."""
+    need = ("lm_head.gelu", "lm_head.layer_norm")
+    if any(k not in ranges for k in need):
+        raise NotCalibratedError(
+            "the masked-LM head has no calibrated ranges (HF keeps it in float): calibrate with "
+            "ibert-tvm (`ibert-tvm calibrate` or compile --calib-texts)"
+        )
+    s_gelu, s_ln = range_scale(ranges["lm_head.gelu"], 22), range_scale(ranges["lm_head.layer_norm"], 8)
+    dense, s_acc = quantize_linear(m.dense, s_in)
+    decoder, s_logit = quantize_linear(m.decoder, s_ln)
+    head = LMHead(
+        dense=dense,
+        gelu=gelu_of(dense, s_acc, [s_gelu], out_clamp=INT22),
+        ln=layer_norm(m.layer_norm, [s_ln]),
+        decoder=decoder,
+    )
+    return head, s_logit
+
+
 CONVERTERS: dict[type, Callable[..., Any]] = {
     hf.IBertEmbeddings: convert_embeddings,
     hf.IBertLayer: convert_layer,
 }
 
 
+def _labels(cfg: Any) -> list[str]:
+    return [cfg.id2label[i] for i in range(cfg.num_labels)]
+
+
 def convert(model: nn.Module) -> IntProgram:
-    """Extract the integer program of an `IBertModel` or `IBertForSequenceClassification`."""
-    kinds = {hf.IBertModel: "IBertModel", hf.IBertForSequenceClassification: "IBertForSequenceClassification"}
-    kind = kinds.get(type(model))
-    if kind is None:
-        raise TypeError(f"cannot compile {type(model).__name__}: supported are {', '.join(kinds.values())}")
+    """Extract the integer program of any of the six IBert classes (heads included)."""
+    from .calibrate import head_ranges
+
+    kind = type(model).__name__
+    if kind not in OUTPUTS or not isinstance(model, hf.IBertPreTrainedModel):
+        raise TypeError(f"cannot compile {kind}: supported are {', '.join(OUTPUTS)}")
     base = model if kind == "IBertModel" else model.ibert
     cfg = model.config
     emb, scale = CONVERTERS[hf.IBertEmbeddings](base.embeddings)
@@ -229,8 +270,17 @@ def convert(model: nn.Module) -> IntProgram:
     )
     if kind == "IBertModel" and base.pooler is not None:
         prog.pooler, _ = convert_head(base.pooler.dense, None, scale)
-    if kind == "IBertForSequenceClassification":
-        head = model.classifier
-        prog.classifier, prog.logit_scale = convert_head(head.dense, head.out_proj, scale)
-        prog.label_names = [cfg.id2label[i] for i in range(cfg.num_labels)]
+    elif kind == "IBertForSequenceClassification":
+        prog.classifier, prog.logit_scale = convert_head(model.classifier.dense, model.classifier.out_proj, scale)
+        prog.label_names = _labels(cfg)
+    elif kind == "IBertForMultipleChoice":
+        prog.classifier, prog.logit_scale = convert_head(base.pooler.dense, model.classifier, scale)
+    elif kind in ("IBertForTokenClassification", "IBertForQuestionAnswering"):
+        lin = model.classifier if kind == "IBertForTokenClassification" else model.qa_outputs
+        if kind == "IBertForQuestionAnswering" and lin.out_features != 2:
+            raise ValueError(f"a question-answering head has 2 outputs (start, end), this one {lin.out_features}")
+        prog.token_head, prog.logit_scale = quantize_linear(lin, scale)
+        prog.label_names = _labels(cfg) if kind == "IBertForTokenClassification" else ["start", "end"]
+    elif kind == "IBertForMaskedLM":
+        prog.lm_head, prog.logit_scale = convert_lm_head(model.lm_head, scale, head_ranges(model))
     return prog

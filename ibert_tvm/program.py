@@ -178,11 +178,37 @@ class Embeddings:
 
 @dataclass
 class Head:
-    """dense -> tanh (int8, scale 1/127) [-> out_proj: int32 logits, per-class scale]."""
+    """dense -> tanh (int8, scale 1/127) [-> out_proj: int32 logits, per-class scale] on the first
+    token: the pooler, the classification head, and the multiple-choice pooler + classifier."""
 
     dense: Linear
     tanh: Tanh
     out_proj: Linear | None = None
+
+
+@dataclass
+class LMHead:
+    """dense -> i-GELU (to 22 bits) -> i-LayerNorm (int8) -> decoder: int32 logits over the vocabulary.
+
+    HF keeps this head in float and has no activation ranges for it; the GELU and LayerNorm output
+    scales come from our own calibration (`calibrate.head_ranges`)."""
+
+    dense: Linear
+    gelu: Gelu
+    ln: LayerNorm
+    decoder: Linear
+
+
+# Outputs of each class, in the order the compiled function returns them (transformers' names).
+OUTPUTS = {
+    "IBertModel": ["last_hidden_state", "pooler_output"],
+    "IBertForMaskedLM": ["logits"],
+    "IBertForSequenceClassification": ["logits"],
+    "IBertForMultipleChoice": ["logits"],
+    "IBertForTokenClassification": ["logits"],
+    "IBertForQuestionAnswering": ["start_logits", "end_logits"],
+}
+TOKEN_LEVEL = ("IBertForMaskedLM", "IBertForTokenClassification", "IBertForQuestionAnswering")
 
 
 @dataclass
@@ -195,35 +221,57 @@ class IntProgram:
     max_positions: int
     embeddings: Embeddings
     layers: list[Layer]
-    pooler: Head | None = None
-    classifier: Head | None = None
+    pooler: Head | None = None  # IBertModel's
+    classifier: Head | None = None  # sequence classification, multiple choice (out_proj to 1)
+    token_head: Linear | None = None  # token classification, question answering (start, end)
+    lm_head: LMHead | None = None
     hidden_scale: float = 1.0  # last_hidden_state int8 -> float
-    logit_scale: np.ndarray | None = None  # float64 [num_labels]
+    logit_scale: np.ndarray | None = None  # float64, per output channel of the last linear
     label_names: list[str] = field(default_factory=list)
 
     @property
     def outputs(self) -> list[str]:
-        """Output names, in the order the compiled function returns them (transformers' names)."""
-        if self.classifier is not None:
-            return ["logits"]
-        return ["last_hidden_state"] + (["pooler_output"] if self.pooler is not None else [])
+        if self.model_class == "IBertModel" and self.pooler is None:
+            return ["last_hidden_state"]
+        return OUTPUTS[self.model_class]
+
+    @property
+    def multiple_choice(self) -> bool:
+        return self.model_class == "IBertForMultipleChoice"
 
     def output_scales(self) -> dict[str, list[float]]:
+        logit = [float(s) for s in self.logit_scale] if self.logit_scale is not None else []
         scales = {"last_hidden_state": [self.hidden_scale], "pooler_output": [1 / Tanh.OUT_SCALE]}
-        if self.logit_scale is not None:
-            scales["logits"] = [float(s) for s in self.logit_scale]
+        if self.model_class == "IBertForQuestionAnswering":
+            scales |= {"start_logits": logit[:1], "end_logits": logit[1:]}
+        else:
+            scales["logits"] = logit
         return {k: scales[k] for k in self.outputs}
 
-    def output_specs(self, batch: int, seq: int) -> list[dict[str, Any]]:
-        """Name, shape, dtype and scales of every output, as the manifest records them."""
-        shapes = {
-            "last_hidden_state": [batch, seq, self.hidden],
-            "pooler_output": [batch, self.hidden],
-            "logits": [batch, len(self.label_names)],
+    def input_shape(self, batch: int, seq: int, choices: int = 1) -> list[int]:
+        return [batch, choices, seq] if self.multiple_choice else [batch, seq]
+
+    def output_specs(self, batch: int, seq: int, choices: int = 1) -> list[dict[str, Any]]:
+        """Name, shape, dtype, scales and sequence axis (None: no per-token axis) of every output."""
+        h, labels = self.hidden, len(self.label_names)
+        shapes: dict[str, list[int]] = {
+            "last_hidden_state": [batch, seq, h],
+            "pooler_output": [batch, h],
+            "start_logits": [batch, seq],
+            "end_logits": [batch, seq],
+            "logits": {
+                "IBertForMaskedLM": [batch, seq, self.vocab],
+                "IBertForSequenceClassification": [batch, labels],
+                "IBertForMultipleChoice": [batch, choices],
+                "IBertForTokenClassification": [batch, seq, labels],
+            }.get(self.model_class, []),
         }
-        dtypes = {"last_hidden_state": "int8", "pooler_output": "int8", "logits": "int32"}
+        per_token = self.model_class in TOKEN_LEVEL
+        seq_axis = {"last_hidden_state": 1, "start_logits": 1, "end_logits": 1, "logits": 1 if per_token else None}
+        dtypes = {"last_hidden_state": "int8", "pooler_output": "int8"}
         scales = self.output_scales()
-        return [{"name": n, "shape": shapes[n], "dtype": dtypes[n], "scale": scales[n]} for n in self.outputs]
+        return [{"name": n, "shape": shapes[n], "dtype": dtypes.get(n, "int32"), "scale": scales[n],
+                 "seq_axis": seq_axis.get(n)} for n in self.outputs]
 
 
 def iter_arrays(obj: Any, prefix: str = "") -> list[tuple[str, np.ndarray]]:

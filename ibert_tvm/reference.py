@@ -127,17 +127,33 @@ def layer(x: np.ndarray, mask: np.ndarray, L: Layer, heads: int) -> np.ndarray:
 
 
 def run(p: IntProgram, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Integer outputs keyed by transformers' names (int8 hidden states / pooler, int32 logits)."""
+    """Integer outputs keyed by transformers' names (int8 hidden states / pooler, int32 logits).
+    Multiple choice takes [batch, choices, seq] inputs, like transformers."""
     types = np.zeros_like(ids) if types is None else types
+    lead = ids.shape[:-1]
+    ids, mask, types = (a.reshape(-1, a.shape[-1]) for a in (ids, mask, types))
     x = embeddings(p, ids, types)
     for L in p.layers:
         x = layer(x, mask, L, p.heads)
+    x = x.astype(np.int8)
     out: dict[str, np.ndarray] = {}
     if p.classifier is not None:
         t = tanh(linear(x[:, 0], p.classifier.dense), p.classifier.tanh)
-        out["logits"] = linear(t, p.classifier.out_proj).astype(np.int32)
-        return out
-    out["last_hidden_state"] = x.astype(np.int8)
-    if p.pooler is not None:
-        out["pooler_output"] = tanh(linear(x[:, 0], p.pooler.dense), p.pooler.tanh)
+        out["logits"] = linear(t, p.classifier.out_proj).astype(np.int32).reshape(*lead, -1)
+        if p.multiple_choice:
+            out["logits"] = out["logits"][..., 0]
+    elif p.token_head is not None:
+        logits = linear(x, p.token_head).astype(np.int32)
+        if p.model_class == "IBertForQuestionAnswering":
+            out["start_logits"], out["end_logits"] = logits[..., 0], logits[..., 1]
+        else:
+            out["logits"] = logits
+    elif p.lm_head is not None:
+        lm = p.lm_head
+        g = gelu(linear(x, lm.dense), lm.gelu)
+        out["logits"] = linear(layer_norm(g, lm.ln).astype(np.int8), lm.decoder).astype(np.int32)
+    else:
+        out["last_hidden_state"] = x
+        if p.pooler is not None:
+            out["pooler_output"] = tanh(linear(x[:, 0], p.pooler.dense), p.pooler.tanh)
     return out

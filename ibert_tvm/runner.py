@@ -74,6 +74,8 @@ class Runner:
         self.batch, self.seq_len = m["batch"], m["seq_len"]
         self.buckets: dict[int, str] = {int(n): f for n, f in sorted(m["buckets"].items(), key=lambda b: int(b[0]))}
         self.vocab, self.pad_id = m["vocab_size"], m["pad_id"]
+        self.model_class: str = m["model_class"]
+        self.choices: int | None = m.get("choices")  # multiple choice: inputs are [n, choices, seq]
         self.outputs: list[dict[str, Any]] = m["outputs"]
         self.scales = {o["name"]: np.asarray(o["scale"]) for o in self.outputs}
         self._vm = VirtualMachine(lib, self._dev)
@@ -112,29 +114,38 @@ class Runner:
         """The shortest compiled length that holds `tokens`."""
         return next(n for n in self.buckets if n >= tokens)
 
-    def encode(self, texts: list[str] | str, truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and attention mask [n, L], L the shortest compiled length that holds the
-        longest text; over-long text raises unless `truncate`."""
+    def tokenize(self, texts: list[str | tuple[str, str]] | str, truncate: bool = False) -> list[Any]:
+        """`tokenizers` encodings of texts (or text pairs); over-long text raises unless `truncate`."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("no text given")
-        encoded = []
-        for i, enc in enumerate(self.tokenizer.encode_batch(texts)):
-            toks = enc.ids
-            if len(toks) > self.seq_len:
-                if not truncate:
-                    raise ValueError(
-                        f"text {i} is {len(toks)} tokens, longer than the compiled length {self.seq_len} "
-                        "(truncate=True / --truncate cuts it)"
-                    )
-                toks = toks[: self.seq_len - 1] + toks[-1:]  # keep the closing [SEP]/</s>
-            encoded.append(toks)
-        width = self.bucket(max(map(len, encoded)))
-        ids = np.full((len(texts), width), self.pad_id, np.int32)
-        mask = np.zeros((len(texts), width), np.int32)
-        for i, toks in enumerate(encoded):
-            ids[i, : len(toks)] = toks
-            mask[i, : len(toks)] = 1
+        encodings = self.tokenizer.encode_batch(texts)
+        long = [i for i, e in enumerate(encodings) if len(e.ids) > self.seq_len]
+        if long and not truncate:
+            raise ValueError(f"text {long[0]} is {len(encodings[long[0]].ids)} tokens, longer than the compiled "
+                             f"length {self.seq_len} (truncate=True / --truncate cuts it)")
+        if long:  # the tokenizer truncates before adding special tokens: [SEP] / </s> stay
+            from tokenizers import Tokenizer
+
+            cut = Tokenizer.from_str(self.tokenizer.to_str())
+            cut.enable_truncation(self.seq_len)
+            for i, e in zip(long, cut.encode_batch([texts[i] for i in long])):
+                encodings[i] = e
+        return encodings
+
+    def pack(self, encodings: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Token ids, attention mask and token types [n, L], L the shortest compiled length that
+        holds the longest encoding."""
+        width = self.bucket(max(len(e.ids) for e in encodings))
+        ids = np.full((len(encodings), width), self.pad_id, np.int32)
+        mask, types = np.zeros_like(ids), np.zeros_like(ids)
+        for i, e in enumerate(encodings):
+            ids[i, : len(e.ids)], mask[i, : len(e.ids)], types[i, : len(e.ids)] = e.ids, 1, e.type_ids
+        return ids, mask, types
+
+    def encode(self, texts: list[str] | str, truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and attention mask of single texts (see `tokenize`, `pack`)."""
+        ids, mask, _ = self.pack(self.tokenize(texts, truncate))
         return ids, mask
 
     # -- integers ---------------------------------------------------------------------------
@@ -142,14 +153,17 @@ class Runner:
         a = np.asarray(a)
         if a.dtype.kind not in "iub":
             raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
-        if a.ndim == 1:
+        want = "[batch, choices, seq]" if self.choices else "[batch, seq]"
+        if a.ndim == len(want.split(",")) - 1:
             a = a[None]
-        if a.ndim != 2:
-            raise ValueError(f"{name} must be [batch, seq] (2-D), got shape {a.shape}")
+        if a.ndim != len(want.split(",")):
+            raise ValueError(f"{name} must be {want} ({len(want.split(','))}-D), got shape {a.shape}")
+        if self.choices and a.shape[1] != self.choices:
+            raise ValueError(f"{name} has {a.shape[1]} choices, the library was compiled for {self.choices}")
         if like is not None and a.shape != like.shape:
             raise ValueError(f"{name} has shape {a.shape}, input_ids has {like.shape}")
-        if a.shape[1] > self.seq_len:
-            raise ValueError(f"{name} has {a.shape[1]} tokens, the library was compiled for {self.seq_len}")
+        if a.shape[-1] > self.seq_len:
+            raise ValueError(f"{name} has {a.shape[-1]} tokens, the library was compiled for {self.seq_len}")
         return a.astype(np.int64)
 
     def run_integer(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> dict[str, Any]:
@@ -162,11 +176,12 @@ class Runner:
             raise ValueError(f"token ids outside the vocabulary [0, {self.vocab}): {sorted(set(ids[bad].tolist()))[:5]}")
         if not np.isin(mask, (0, 1)).all():
             raise ValueError("attention_mask must be 0 or 1")
-        n, s = ids.shape
+        n, s = ids.shape[0], ids.shape[-1]
         # pad to the shortest compiled length that fits and a whole number of compiled batches
         width, rows = self.bucket(s), -(-n // self.batch) * self.batch
         main = self.buckets[width]
-        full = lambda a, fill: np.pad(a, ((0, rows - n), (0, width - s)), constant_values=fill).astype(np.int32)  # noqa: E731
+        pads = [(0, rows - n)] + [(0, 0)] * (ids.ndim - 2) + [(0, width - s)]
+        full = lambda a, fill: np.pad(a, pads, constant_values=fill).astype(np.int32)  # noqa: E731
         ids_p, mask_p, types_p = full(ids, self.pad_id), full(mask, 0), full(types, 0)
         chunks: list[list[np.ndarray]] = []
         for r in range(0, rows, self.batch):
@@ -178,7 +193,8 @@ class Runner:
         out: dict[str, Any] = {}
         for i, spec in enumerate(self.outputs):
             val = np.concatenate([c[i] for c in chunks])[:n]
-            out[spec["name"]] = val[:, :s] if val.ndim == 3 else val
+            axis = spec["seq_axis"]
+            out[spec["name"]] = val if axis is None else np.take(val, np.arange(s), axis=axis)
         out["scales"] = self.scales
         return out
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 import tvm.ir.expr
-from tvm import te, tirx
+from tvm import te
 
 LANES, GROUP = 16, 4
 U8_SHIFT = 128  # x86's a_shift

@@ -18,16 +18,8 @@ All of it is TIR schedule primitives, which preserve the function's semantics.
 
 from __future__ import annotations
 
-import ctypes
-import os
-import shutil
-import struct
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-import tvm
 from tvm import s_tir, tirx
 from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad(...) builds
 from tvm.script import tirx as T

@@ -65,12 +65,13 @@ def ibert_config(spec: Spec, num_labels: int = 3):
 
 
 def new_model(kind: str, spec: Spec, seed: int = 0):
+    """A random IBert of any of the six classes (question answering has 2 outputs: start, end)."""
     import torch
-    from transformers import IBertForSequenceClassification, IBertModel
+    import transformers
 
     torch.manual_seed(seed)
-    cls = {"IBertModel": IBertModel, "IBertForSequenceClassification": IBertForSequenceClassification}[kind]
-    return cls(ibert_config(spec)).eval()
+    labels = 2 if kind == "IBertForQuestionAnswering" else 3
+    return getattr(transformers, kind)(ibert_config(spec, labels)).eval()
 
 
 @functools.cache
@@ -86,6 +87,8 @@ def calibrated(kind: str, spec: Spec, seed: int = 0):
     batches = []
     for _ in range(3):
         ids, mask = random_inputs(rng, 4, 24, pads=[0, 7, 0, 15])
+        if kind == "IBertForMultipleChoice":  # [batch, choices, seq]
+            ids, mask = ids.reshape(2, 2, 24), mask.reshape(2, 2, 24)
         batches.append({"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)})
     calibrate(model, batches, progress=False)
     return model, convert(model)
@@ -98,14 +101,15 @@ def tiny():
 
 
 def build_tokenizer(vocab_size: int = VOCAB):
-    """Word-level tokenizer: [PAD]=0, [UNK]=1, WORDS, then fillers up to `vocab_size` entries."""
+    """Word-level tokenizer: [PAD]=0, [UNK]=1, WORDS, fillers, and [MASK] as the last entry."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
     names = ["[PAD]", "[UNK]", *WORDS]
-    names += [f"tok{i}" for i in range(vocab_size - len(names))]
+    names += [f"tok{i}" for i in range(vocab_size - len(names) - 1)] + ["[MASK]"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["[MASK]"])
     assert tok.get_vocab_size() == vocab_size and tok.token_to_id("[PAD]") == PAD
     return tok
 
@@ -144,7 +148,10 @@ class Artifact:
     program: object  # IntProgram
 
 
-KINDS = ("IBertModel", "IBertForSequenceClassification")
+KINDS = ("IBertModel", "IBertForSequenceClassification")  # compiled once per session as artifacts
+ALL_KINDS = (*KINDS, "IBertForMaskedLM", "IBertForMultipleChoice", "IBertForTokenClassification",
+             "IBertForQuestionAnswering")
+CHOICES = 3  # multiple-choice models are compiled and fed [batch, CHOICES, seq]
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import KINDS, random_inputs, recompile
+from conftest import ALL_KINDS, CHOICES, KINDS, Spec, calibrated, random_inputs, recompile
 
 from ibert_tvm import reference, targets
 
@@ -41,8 +41,12 @@ def test_every_gemm_uses_dp4a(artifacts):
     assert how["l0_softmax"].startswith("rowwise") and how["l0_attn_ln"].startswith("rowwise")
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_cuda_loop_nests_equal_reference_on_cpu(artifacts, kind, monkeypatch):
+def choices(program) -> int:
+    return CHOICES if program.multiple_choice else 1
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_cuda_loop_nests_equal_reference_on_cpu(kind, monkeypatch):
     """The CUDA schedules with bind and tensorize made no-ops (threads run as serial loops, dp4a's
     4-element loop stays a loop), compiled for this CPU: the same integers as the reference.
     Barriers and TVM's cross-thread reduction lowering are only exercised on a GPU."""
@@ -54,17 +58,31 @@ def test_cuda_loop_nests_equal_reference_on_cpu(artifacts, kind, monkeypatch):
 
     monkeypatch.setattr(s_tir.Schedule, "bind", lambda self, loop, thread: None)
     monkeypatch.setattr(s_tir.Schedule, "tensorize", lambda self, *a, **k: None)
-    program = artifacts[kind].program
-    graph = build_graph(program, 2, 16, targets.get("cuda-sm75").a_shift)
+    program = calibrated(kind, Spec())[1]
+    graph = build_graph(program, 2, 16, targets.get("cuda-sm75").a_shift, choices=choices(program))
     mod = schedule_module(graph.module, targets.get("cuda-sm75"))
     ex = tvm.compile(mod, targets.tvm_target(targets.get("host")))
-    ids, mask = random_inputs(np.random.default_rng(4), 2, 16, pads=[0, 6])
+    rows = 2 * choices(program)
+    ids, mask = random_inputs(np.random.default_rng(4), rows, 16, pads=[0, 6, 3, 0, 9, 1][:rows])
+    ids, mask = (a.reshape(program.input_shape(2, 16, choices(program))) for a in (ids, mask))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     outs = vm["main"](*[tvm.runtime.tensor(a) for a in (ids, mask, np.zeros_like(ids))],
                       *[tvm.runtime.tensor(a) for _, a in graph.params])
     want = reference.run(program, ids, mask)
     for name, out in zip(program.outputs, outs):
         np.testing.assert_array_equal(out.numpy(), want[name], err_msg=name)
+
+
+def test_multiple_choice_compiles_to_sass(tmp_path):
+    """The one class with Relax reshapes around the encoder ([batch, choices, seq] in, [batch, choices] out)."""
+    from ibert_tvm.build import compile_graph
+    from ibert_tvm.cuda import check_device_binary
+    from ibert_tvm.graph import build_graph
+
+    preset = targets.get("cuda-sm75")
+    program = calibrated("IBertForMultipleChoice", Spec())[1]
+    compile_graph(build_graph(program, 2, 16, preset.a_shift, choices=CHOICES), preset).export_library(str(tmp_path / "mc.so"))
+    check_device_binary(tmp_path / "mc.so", "sm_75")
 
 
 def test_runner_refuses_cuda_library_without_gpu(cuda_artifacts):

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 import pytest
-from conftest import KINDS, Spec, calibrated
+from conftest import ALL_KINDS, CHOICES, Spec, calibrated
 
 FLOAT_PREFIXES = ("float", "bfloat")
 
@@ -89,7 +88,7 @@ def test_walker_passes_integer_func():
 # -- the real pipeline ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=KINDS)
+@pytest.fixture(scope="module", params=ALL_KINDS)
 def program(request):
     return calibrated(request.param, Spec(64, 4, 2, 128))[1]
 
@@ -98,7 +97,11 @@ def program(request):
 def graph(program):
     from ibert_tvm.graph import build_graph
 
-    return build_graph(program, 2, 16)
+    return build_graph(program, 2, 16, choices=choices(program))
+
+
+def choices(program) -> int:
+    return CHOICES if program.multiple_choice else 1
 
 
 def test_program_arrays_are_integers(program):
@@ -135,7 +138,7 @@ def test_module_is_float_free(program, graph, stage):
         mod = graph.module
     else:
         preset = targets.get(stage)
-        mod = schedule_module(build_graph(program, 2, 16, preset.a_shift).module, preset)
+        mod = schedule_module(build_graph(program, 2, 16, preset.a_shift, choices=choices(program)).module, preset)
     prim_funcs = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc)]
     assert len(prim_funcs) >= 8
     found, kinds = float_nodes(mod)
