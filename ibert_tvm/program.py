@@ -225,7 +225,7 @@ class IntProgram:
     classifier: Head | None = None  # sequence classification, multiple choice (out_proj to 1)
     token_head: Linear | None = None  # token classification, question answering (start, end)
     lm_head: LMHead | None = None
-    hidden_scale: float = 1.0  # last_hidden_state int8 -> float
+    hidden_scale: float | np.ndarray = 1.0  # last_hidden_state int8 -> float: per tensor or per channel
     logit_scale: np.ndarray | None = None  # float64, per output channel of the last linear
     label_names: list[str] = field(default_factory=list)
 
@@ -241,7 +241,8 @@ class IntProgram:
 
     def output_scales(self) -> dict[str, list[float]]:
         logit = [float(s) for s in self.logit_scale] if self.logit_scale is not None else []
-        scales = {"last_hidden_state": [self.hidden_scale], "pooler_output": [1 / Tanh.OUT_SCALE]}
+        hidden = [float(v) for v in np.atleast_1d(self.hidden_scale)]
+        scales = {"last_hidden_state": hidden, "pooler_output": [1 / Tanh.OUT_SCALE]}
         if self.model_class == "IBertForQuestionAnswering":
             scales |= {"start_logits": logit[:1], "end_logits": logit[1:]}
         else:

@@ -109,9 +109,9 @@ def test_program_arrays_are_integers(program):
 
     arrays = dict(iter_arrays(program))
     assert len(arrays) > 20
-    # the one documented float: per-class output scales, used only by the runner's last step
+    # the documented floats: output scales (per class, per hidden channel), used only by the runner's last step
     floats = {name for name, a in arrays.items() if a.dtype.kind not in "iu"}
-    assert floats <= {"logit_scale"}, floats
+    assert floats <= {"logit_scale", "hidden_scale"}, floats
 
 
 def test_graph_params_are_integers(graph):
