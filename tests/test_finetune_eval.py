@@ -206,7 +206,7 @@ def test_cache_recalibration_and_retraining(encoder, tmp_path):
         assert (out / "manifest.json").stat().st_mtime_ns == stamp
         weights = dict(checkpoint.load(out).named_parameters())
         ranges = _ranges(checkpoint.load(out))
-        ft.finetune(ft.FinetuneOptions(**{**opt.__dict__, "estimator": "minmax"}))  # recalibrated, not retrained
+        ft.finetune(ft.FinetuneOptions(**{**opt.__dict__, "estimator": "ema"}))  # recalibrated, not retrained
         assert calls == [1] and _ranges(checkpoint.load(out)) != ranges
         again = dict(checkpoint.load(out).named_parameters())
         assert all(torch.equal(w, again[k]) for k, w in weights.items())
