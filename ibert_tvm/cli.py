@@ -139,8 +139,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
     out = finetune(FinetuneOptions(
         model=a.model, train=a.train, out=Path(a.output), qat=a.qat, epochs=a.epochs, lr=a.lr,
-        batch_size=a.batch_size, seq_len=a.seq_len, max_steps=a.max_steps, calib_sentences=a.calib_sentences,
-        estimator=a.estimator, percentile=a.percentile, seed=a.seed, force=a.force))
+        batch_size=a.batch_size, seq_len=a.seq_len, max_steps=a.max_steps, seed=a.seed, force=a.force,
+        **_calibration_options(a)))
     print(f"fine-tuned, calibrated checkpoint: {out}")
     return 0
 
@@ -154,8 +154,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
         if a.embeddings:
             raise ValueError("--finetune trains a classifier; --embeddings scores a bare encoder")
-        model = str(sentiment_classifier(a.model, Path(a.work), a.qat, estimator=a.estimator, percentile=a.percentile,
-                                         calib_sentences=a.calib_sentences, qat_steps=a.qat_steps, qat_lr=a.qat_lr))
+        model = str(sentiment_classifier(a.model, Path(a.work), a.qat, qat_steps=a.qat_steps, qat_lr=a.qat_lr,
+                                         **_calibration_options(a)))
     elif a.qat:
         raise ValueError("--qat is a step of --finetune (fine-tune --model first, then QAT)")
     result = evaluate(EvalOptions(model=model, artifact=Path(a.artifact) if a.artifact else None,
@@ -178,10 +178,16 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _calibration_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib-sentences", type=int, default=256, help="training sentences that calibrate the ranges")
-    p.add_argument("--estimator", default="minmax",
-                   help="activation range estimator: minmax (default here: measured best), ema (HF's) or percentile")
-    p.add_argument("--percentile", type=float, default=99.99, help="percentile kept by --estimator percentile")
+    """Fine-tuning's calibration options; left out, FinetuneOptions' defaults apply."""
+    p.add_argument("--calib-sentences", type=int, help="training sentences that calibrate the ranges (default 256)")
+    p.add_argument("--estimator", help="activation range estimator: minmax (the default here: measured best "
+                                       "after QAT), ema (HF's) or percentile")
+    p.add_argument("--percentile", type=float, help="percentile kept by --estimator percentile (default 99.99)")
+
+
+def _calibration_options(a: argparse.Namespace) -> dict[str, object]:
+    given = {"calib_sentences": a.calib_sentences, "estimator": a.estimator, "percentile": a.percentile}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def parser() -> argparse.ArgumentParser:
