@@ -35,9 +35,17 @@ def _cuda(sm: int, boards: str) -> Preset:
                   "x86_64", device="cuda")
 
 
+AMX_FLAGS = ("amx_tile", "amx_int8")
 PRESETS = {
     p.name: p
     for p in (
+        Preset(
+            "x86-amx",
+            "x86-64 with AMX-INT8 (Sapphire Rapids and later Xeons): INT8 GEMMs on tile matrix multiplies "
+            "(tdpbusd), vpdpbusd where a shape does not fill the tiles",
+            {"kind": "llvm", "mcpu": "sapphirerapids"}, "x86_64", ("avx512f", "avx512bw", "avx512_vnni", *AMX_FLAGS),
+            "amx",
+        ),
         Preset(
             "x86-avx512-vnni",
             "x86-64 with AVX-512 VNNI (Cascade Lake and later Xeons, Ice Lake+, Zen 4+): INT8 GEMMs on vpdpbusd",
@@ -80,9 +88,11 @@ def host_preset() -> Preset:
         target = {**ARM64, "mcpu": cpu, "mattr": ["+neon", "+dotprod"] if isa == "sdot" else ["+neon"]}
         needs = ("asimd", "asimddp") if isa == "sdot" else ("asimd",)
     else:
-        isa = "vnni" if "avx512_vnni" in flags else "avx2"
-        target = {"kind": "llvm", "mcpu": cpu}
-        needs = tuple(sorted(flags & {"avx512f", "avx512bw", "avx512_vnni", "avx2", "fma"}))
+        amx = "avx512_vnni" in flags and set(AMX_FLAGS) <= flags and amx_permitted()
+        isa = "amx" if amx else "vnni" if "avx512_vnni" in flags else "avx2"
+        # a virtual machine may report an older CPU model than the features it passes through
+        target = {"kind": "llvm", "mcpu": cpu, **({"mattr": ["+amx-tile", "+amx-int8"]} if amx else {})}
+        needs = tuple(sorted(flags & {"avx512f", "avx512bw", "avx512_vnni", "avx2", "fma", *AMX_FLAGS}))
     return Preset("host", f"this machine ({cpu})", target, arch, needs, isa)
 
 
@@ -136,11 +146,24 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def amx_permitted() -> bool:
+    """Ask Linux for this process's permission to use the AMX tile data (>= 5.16; without it the
+    first tile instruction kills the process). Granted once, it holds for every thread."""
+    import ctypes
+
+    arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18
+    return platform.machine() == "x86_64" and ctypes.CDLL(None).syscall(arch_prctl, req_xcomp_perm, xtiledata) == 0
+
+
 def check_runnable(arch: str, flags: list[str]) -> None:
-    """Raise if a library built for (arch, flags) cannot run on this machine."""
+    """Raise if a library built for (arch, flags) cannot run on this machine (and obtain what it
+    needs from the OS: AMX tiles)."""
     here = platform.machine()
     if arch != here:
         raise RuntimeError(f"artifact was compiled for {arch}, this machine is {here}")
     missing = sorted(set(flags) - cpu_flags())
     if missing:
         raise RuntimeError(f"artifact needs CPU features this machine lacks: {', '.join(missing)}")
+    if set(AMX_FLAGS) <= set(flags) and not amx_permitted():
+        raise RuntimeError("artifact uses AMX tiles and Linux refused their permission (arch_prctl "
+                           "ARCH_REQ_XCOMP_PERM; a kernel >= 5.16 grants it)")

@@ -6,7 +6,8 @@ x NB*16 columns; the accumulator is a per-tile local buffer (registers) computed
 epilogue's tile loop, so the epilogue (requantization, GELU, residual) reads it straight back.
 Each kernel has a single parallel loop; its operand stages are computed inside it.
 The inner 16x4 product is an ISA's dot-product intrinsic (x86 `vpdpbusd`, ARM `sdot`); without
-one (AVX2, plain NEON) LLVM vectorizes the same tile with widening multiplies.
+one (AVX2, plain NEON) LLVM vectorizes the same tile with widening multiplies. With Intel AMX, a
+GEMM whose shape fits takes 32x32 blocks, each one call of the tile intrinsic over all of K.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tvm import s_tir, tirx
 
 from relay_ops.gemm import GROUP, LANES, packable
 
-from .intrin import SDOT_INTRIN, VNNI_INTRIN
+from .intrin import AMX_K, AMX_M, AMX_N, SDOT_INTRIN, VNNI_INTRIN, amx_intrin
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,14 @@ class Isa:
     intrin: str | None  # 16x4 tensor intrinsic; None: LLVM vectorizes the tile
     regs_per_group: int  # vector registers that hold 16 int32 accumulators
     registers: int  # vector registers of the ISA
+    matrix: bool = False  # AMX tiles for the GEMMs whose shape fits them (amx_fits), `intrin` for the rest
 
 
 ISAS = {
     i.name: i
     for i in (
         Isa("vnni", VNNI_INTRIN, 1, 32),
+        Isa("amx", VNNI_INTRIN, 1, 32, matrix=True),
         Isa("avx2", None, 2, 16),
         Isa("sdot", SDOT_INTRIN, 4, 32),
         Isa("neon", None, 4, 32),
@@ -54,6 +57,21 @@ def gemm_shape(func: tirx.PrimFunc) -> tuple[int, ...] | None:
         return None
     sch = s_tir.Schedule(func)
     return tuple(_extents(sch, sch.get_sblock("C")))
+
+
+def amx_fits(m: int, n: int, k: int) -> bool:
+    return m % AMX_M == 0 and n % AMX_N == 0 and k % AMX_K == 0
+
+
+def amx_columns(n: int) -> int:
+    """Columns of one AMX intrinsic call: the most (each call reloads the tile configuration) that
+    divide N, up to 256 (a 32 KiB accumulator block, which the epilogue reads back from L1)."""
+    return next(c for c in (256, 192, 128, 96, 64, 32) if n % c == 0)
+
+
+def tuned(isa: Isa, shape: tuple[int, ...]) -> bool:
+    """Whether a GEMM of this (*batch, M, N, K) takes register tiles (tunable): AMX blocks are fixed."""
+    return packable(*shape[-2:]) and not (isa.matrix and amx_fits(*shape[-3:]))
 
 
 def _fits(isa: Isa, r: int, c: int) -> bool:
@@ -94,7 +112,8 @@ def _gemm(sch: s_tir.Schedule, isa: Isa, tiles: Tiles | None) -> bool:
     *batch, m, n, k = _extents(sch, c)
     if not packable(n, k):
         return False
-    mb, nb = tiles or default_tiles(m, n, isa)
+    amx = isa.matrix and amx_fits(m, n, k)
+    mb, nb = (AMX_M, amx_columns(n) // LANES) if amx else tiles or default_tiles(m, n, isa)
     *bl, oi, oj = sch.get_loops(o)
     oi0, oi1 = sch.split(oi, [None, mb])
     oj0, oj1 = sch.split(oj, [None, nb * LANES])
@@ -103,9 +122,6 @@ def _gemm(sch: s_tir.Schedule, isa: Isa, tiles: Tiles | None) -> bool:
     sch.set_scope(c, 0, "local")  # the accumulator shrinks to one register tile per iteration
     own = sch.get_loops(c)[len(bl) + 2 :]  # a one-row tile has no row loop of its own
     rows, a1, a2 = ([None] if len(own) == 2 else own[:1]) + own[-2:]
-    a10, a11 = sch.split(a1, [nb, LANES])
-    k0, k1 = sch.split(a2, [None, GROUP])
-    sch.reorder(*[l for l in (k0, rows, a10, a11, k1) if l is not None])
     # One parallel loop per kernel (each parallel region costs a barrier): over heads (attention)
     # or row tiles. Per-head operands (packed K/V, key sums) and each row tile's u8 activations
     # are staged inside it, once, and reused by every column tile.
@@ -114,17 +130,25 @@ def _gemm(sch: s_tir.Schedule, isa: Isa, tiles: Tiles | None) -> bool:
     for name, at in staged:
         sch.compute_at(sch.get_sblock(name), at, preserve_unit_loops=False)
     sch.parallel(par)
-    if isa.intrin is None:  # LLVM vectorizes the 16 lanes; must precede decompose_reduction
-        sch.reorder(k1, a11)
-        sch.vectorize(a11)
-    init = sch.decompose_reduction(c, k0)
-    if isa.intrin is not None:
-        sch.tensorize(a11, isa.intrin)
-    for loop in (rows, a10):
-        if loop is not None:
-            sch.unroll(loop)
+    if amx:  # the whole block's reduction is one intrinsic call; its accumulator starts at 0 in memory
+        init = sch.decompose_reduction(c, rows)
+        sch.tensorize(rows, amx_intrin(k, nb * LANES))
+    else:
+        a10, a11 = sch.split(a1, [nb, LANES])
+        k0, k1 = sch.split(a2, [None, GROUP])
+        sch.reorder(*[l for l in (k0, rows, a10, a11, k1) if l is not None])
+        if isa.intrin is None:  # LLVM vectorizes the 16 lanes; must precede decompose_reduction
+            sch.reorder(k1, a11)
+            sch.vectorize(a11)
+        init = sch.decompose_reduction(c, k0)
+        if isa.intrin is not None:
+            sch.tensorize(a11, isa.intrin)
+        for loop in (rows, a10):
+            if loop is not None:
+                sch.unroll(loop)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(oj1)
+    # the epilogue 16 columns at a time: wider int64 vectors than that spill registers
+    sch.vectorize(sch.split(oj1, [None, LANES])[1] if nb > 1 else oj1)
     for name, _ in staged:
         _vectorize_inner(sch, sch.get_sblock(name))
     return True

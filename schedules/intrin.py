@@ -1,11 +1,14 @@
-"""16x4 INT8 dot-product tensor intrinsics: 16 int32 accumulators (a local register tile), each
+"""INT8 tensor intrinsics. 16x4 dot products: 16 int32 accumulators (a local register tile), each
 adding a 4-element product of one A group (broadcast) with a 16x4 packed B tile.
 
 - x86 VNNI `vpdpbusd` (u8 x s8). TVM's stock `dot_16x4_vnni` passes it an int32x16 operand where
   LLVM 22's declaration wants <64 x i8>, and fails verification; here both operands are bytes.
 - ARM `sdot` (s8 x s8): four 4-lane instructions per tile. TVM's stock 4x4 intrinsic writes a
   global-scope C, which does not match our local accumulator.
+And a 32x32 block over the whole reduction on Intel AMX tiles (`tdpbusd`, u8 x s8), below.
 """
+
+import functools
 
 from tvm import s_tir
 from tvm.script import tirx as T
@@ -74,3 +77,82 @@ def _sdot(
 
 s_tir.TensorIntrin.register(VNNI_INTRIN, _desc("uint8"), _vnni)
 s_tir.TensorIntrin.register(SDOT_INTRIN, _desc("int8"), _sdot)
+
+
+# Intel AMX: eight tile registers of 16 rows x 64 bytes, configured alike (one 64-byte config):
+# tmm0-3 accumulate a 32x32 int32 block, tmm4-5 hold two 16-row u8 A tiles (64 k each), tmm6-7
+# two 16-column B tiles (16 groups of 4 k: exactly 16 rows of the packed [N/16, K/4, 16, 4]).
+AMX_M = AMX_N = 32
+AMX_K = 64
+# palette 1; bytes per row of tiles 0-7 (uint16 pairs, words 4-7); rows of tiles 0-7 (words 12-13)
+_AMX_CONFIG = {0: 1, 4: 0x00400040, 5: 0x00400040, 6: 0x00400040, 7: 0x00400040, 12: 0x10101010, 13: 0x10101010}
+
+
+def _config_word(i):
+    word = T.int32(0)
+    for j, v in _AMX_CONFIG.items():
+        word = T.Select(i == j, T.int32(v), word)
+    return word
+
+
+@functools.cache
+def amx_intrin(k: int, n: int) -> str:
+    """C[32, n] int32 += A[32, k] (u8) x B (s8, packed [n/16, k/4, 16, 4]), the whole reduction on
+    the tiles, 32 columns at a time.
+
+    Tile state is per thread and a kernel's blocks run on any thread of the pool, so every call
+    loads the configuration (a few hundred cycles: a call covers many columns to amortize it).
+    C is loaded and stored so that the intrinsic means exactly its description.
+    """
+    groups = k // 4
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (AMX_M, k), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (n // 16, groups, 16, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (AMX_M, n), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:AMX_M, 0:n], A[0:AMX_M, 0:k], B[0 : n // 16, 0:groups, 0:16, 0:4])
+            T.writes(C[0:AMX_M, 0:n])
+            for m, j, kk in T.grid(AMX_M, n, k):
+                with T.sblock("update"):
+                    vm, vj, vk = T.axis.remap("SSR", [m, j, kk])
+                    C[vm, vj] = C[vm, vj] + T.cast(A[vm, vk], "int32") * T.cast(B[vj // 16, vk // 4, vj % 16, vk % 4], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        sa, sb0, sb1, sb2, sc = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        A = T.match_buffer(a, (AMX_M, k), "uint8", offset_factor=1, strides=[sa, 1])
+        B = T.match_buffer(b, (n // 16, groups, 16, 4), "int8", offset_factor=1, strides=[sb0, sb1, sb2, 1])
+        C = T.match_buffer(c, (AMX_M, n), "int32", offset_factor=1, scope="local", strides=[sc, 1])
+        with T.sblock("root"):
+            T.reads(C[0:AMX_M, 0:n], A[0:AMX_M, 0:k], B[0 : n // 16, 0:groups, 0:16, 0:4])
+            T.writes(C[0:AMX_M, 0:n])
+            cfg = T.decl_buffer((16,), "int32", scope="local")
+            for i in T.unroll(16):
+                cfg[i] = _config_word(i)
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
+            for j in range(n // AMX_N):
+                for t in T.unroll(4):  # tile t: rows 16 * (t // 2), columns 32 * j + 16 * (t % 2)
+                    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(t),
+                                                  C.access_ptr("r", offset=t // 2 * 16 * sc + j * AMX_N + t % 2 * 16),
+                                                  T.int64(sc * 4)))
+                for kc in range(k // AMX_K):
+                    for r in T.unroll(2):
+                        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4 + r),
+                                                      A.access_ptr("r", offset=r * 16 * sa + kc * AMX_K), T.int64(sa)))
+                    for g in T.unroll(2):
+                        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6 + g),
+                                                      B.access_ptr("r", offset=(2 * j + g) * sb0 + kc * 16 * sb1),
+                                                      T.int64(sb1)))
+                    for t in T.unroll(4):
+                        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.int8(t), T.int8(4 + t // 2),
+                                                      T.int8(6 + t % 2)))
+                for t in T.unroll(4):
+                    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(t),
+                                                  C.access_ptr("w", offset=t // 2 * 16 * sc + j * AMX_N + t % 2 * 16),
+                                                  T.int64(sc * 4)))
+
+    name = f"ibert_amx_32x{n}x{k}_u8i8i32"
+    s_tir.TensorIntrin.register(name, desc, impl)
+    return name

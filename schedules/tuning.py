@@ -20,8 +20,6 @@ import numpy as np
 import tvm
 from tqdm import tqdm
 
-from relay_ops.gemm import packable
-
 from . import cpu
 
 RECORDS = Path(__file__).parent / "records"
@@ -103,7 +101,7 @@ def tune(mod: tvm.IRModule, cpu_name: str, isa: cpu.Isa, measure: Measure, trial
     for gv, func in mod.functions.items():
         if isinstance(func, tvm.tirx.PrimFunc) and "ibert.kind" in func.attrs:
             shape = cpu.gemm_shape(func)
-            if shape and packable(shape[-2], shape[-1]) and key(gv.name_hint, shape) not in records:
+            if shape and cpu.tuned(isa, shape) and key(gv.name_hint, shape) not in records:
                 todo.setdefault(key(gv.name_hint, shape), (func, shape))
     plans = {}
     for k, (func, shape) in todo.items():

@@ -40,6 +40,7 @@ class Spec:
     heads: int = 2
     layers: int = 1
     inter: int = 64
+    positions: int = MAX_POSITIONS
 
 
 def random_inputs(rng: np.random.Generator, batch: int, seq: int, pads: list[int] | None = None):
@@ -59,7 +60,7 @@ def ibert_config(spec: Spec, num_labels: int = 3):
 
     return IBertConfig(
         vocab_size=VOCAB, hidden_size=spec.hidden, num_attention_heads=spec.heads,
-        num_hidden_layers=spec.layers, intermediate_size=spec.inter, max_position_embeddings=MAX_POSITIONS,
+        num_hidden_layers=spec.layers, intermediate_size=spec.inter, max_position_embeddings=spec.positions,
         pad_token_id=PAD, num_labels=num_labels, quant_mode=True,
     )
 

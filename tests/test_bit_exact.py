@@ -14,6 +14,8 @@ SHAPES = {
     "h64-l2-b2-s32": (Spec(64, 4, 2, 128), 2, 32),
     "h32-l1-b2-s12": (Spec(32, 2, 1, 64), 2, 12),
     "h48-l1-b3-s10": (Spec(48, 3, 1, 96), 3, 10),
+    # every encoder GEMM fills AMX's 32 x 32 blocks over K in steps of 64 (heads of 64, 64 keys)
+    "h128-l1-b1-s64": (Spec(128, 2, 1, 256, positions=80), 1, 64),
 }
 # every class at two shapes; the encoder's own kinds at all of them
 CASES = [pytest.param(shape, kind, id=f"{shape}-{kind}") for shape in SHAPES for kind in ALL_KINDS
@@ -82,15 +84,16 @@ def test_tvm_equals_reference(shape, kind, compiled):
     assert_bit_exact(kind, shape, "host", compiled)
 
 
-@pytest.mark.parametrize("preset", ["x86-avx2", "x86-avx512-vnni"])
+@pytest.mark.parametrize("preset", ["x86-avx2", "x86-avx512-vnni", "x86-amx"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_tvm_equals_reference_x86_presets(kind, preset, compiled):
-    """The named x86 presets (x86-avx2: LLVM-vectorized tiles, no VNNI), besides `host`."""
+    """The named x86 presets (x86-avx2: LLVM-vectorized tiles, no VNNI), besides `host`; AMX at a
+    shape whose encoder GEMMs all take the tiles."""
     from ibert_tvm import targets
 
-    if not set(targets.get(preset).cpu_flags) <= targets.cpu_flags():
+    if not set(targets.get(preset).cpu_flags) <= targets.cpu_flags() or (preset == "x86-amx" and not targets.amx_permitted()):
         pytest.skip(f"this CPU cannot run {preset}")
-    assert_bit_exact(kind, "h48-l1-b3-s10", preset, compiled)
+    assert_bit_exact(kind, "h128-l1-b1-s64" if preset == "x86-amx" else "h48-l1-b3-s10", preset, compiled)
 
 
 @pytest.mark.parametrize("shape", ["h32-l1-b2-s16", "h48-l1-b3-s10"])
@@ -190,3 +193,15 @@ def test_reference_close_to_hf(shape, kind):
         ok = diff <= bound
         print(f"{shape} {kind} {name}: max |ours - HF| = {diff[keep].max():.3g} (bound {np.max(bound):.3g})")
         assert ok[keep].all(), name
+
+
+def test_amx_shape_fills_the_tiles_in_every_encoder_gemm():
+    """The premise of the x86-amx case above: its encoder GEMMs (linear and attention) all fit."""
+    from ibert_tvm.graph import build_graph
+    from schedules import cpu
+
+    spec, batch, seq = SHAPES["h128-l1-b1-s64"]
+    module = build_graph(calibrated("IBertModel", spec)[1], batch, seq).module
+    shapes = {gv.name_hint: cpu.gemm_shape(f) for gv, f in module.functions.items() if "ibert.kind" in f.attrs}
+    encoder = {name: s for name, s in shapes.items() if s and name.startswith("l0_")}
+    assert len(encoder) == 6 and all(cpu.amx_fits(*s[-3:]) for s in encoder.values()), encoder

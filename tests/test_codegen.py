@@ -1,4 +1,4 @@
-"""Each CPU preset's INT8 GEMMs compile to its ISA: VNNI on AVX-512, sdot on ARM dotprod, and
+"""Each CPU preset's INT8 GEMMs compile to its ISA: AMX tiles, VNNI on AVX-512, sdot on ARM dotprod, and
 widening multiplies where the dot product is missing (AVX2, plain NEON)."""
 
 from __future__ import annotations
@@ -14,17 +14,24 @@ from ibert_tvm.program import INT8, Linear, dyadic
 from relay_ops.linear import linear_kernel, requant_epilogue
 
 
-def gemm_asm(preset: str) -> str:
+def gemm_asm(preset: str, m: int = 8, n: int = 64, k: int = 32) -> str:
     rng = np.random.default_rng(0)
-    lin = Linear(rng.integers(-127, 127, (64, 32)).astype(np.int8), rng.integers(-99, 99, 64).astype(np.int32))
+    lin = Linear(rng.integers(-127, 127, (n, k)).astype(np.int8), rng.integers(-99, 99, n).astype(np.int32))
     p = targets.get(preset)
-    k = linear_kernel("g", lin, 8, requant_epilogue([dyadic(0.01, lin.acc_bound, INT8)]), "int8", a_shift=p.a_shift)
+    k = linear_kernel("g", lin, m, requant_epilogue([dyadic(0.01, lin.acc_bound, INT8)]), "int8", a_shift=p.a_shift)
     mod = build.schedule_module(tvm.IRModule({"g": k.func}), p)
     return tvm.compile(mod, targets.tvm_target(p)).mod.inspect_source("asm")
 
 
 def test_vnni_target_uses_vpdpbusd():
     assert "vpdpbusd" in gemm_asm("x86-avx512-vnni")
+
+
+def test_amx_target_uses_tiles_where_shapes_fill_them():
+    """32-row blocks over K in steps of 64 go to the tiles; 8 rows stay on vpdpbusd."""
+    asm = gemm_asm("x86-amx", m=64, n=96, k=128)
+    assert "tdpbusd" in asm and "ldtilecfg" in asm
+    assert "tdpbusd" not in gemm_asm("x86-amx") and "vpdpbusd" in gemm_asm("x86-amx")
 
 
 def test_avx2_target_has_no_avx512():
