@@ -65,8 +65,10 @@ def gelu_epilogue(g: Gelu) -> Epilogue:
     def f(acc, j, consts, extras, i):
         b, c, one = (consts.add(v, name)[j] for v, name in ((g.b, "gb"), (g.c, "gc"), (g.one, "g1")))
         x = acc.astype(I64)
-        a = tirx.min(tirx.abs(x), -b)
-        v = (a + b) * (a + b) + c
+        # |x| as max(x, -x): TVM lowers abs to a select that the simplifier then pushes through
+        # the square, computing the polynomial twice per element
+        a = tirx.min(tirx.max(x, -x), -b) + b
+        v = a * a + c
         # sign(x) * v as a select: at x == 0 the erf value is multiplied by x == 0 anyway
         erf = tirx.Select(x < c64(0), -v, v) >> c64(g.ERF_SHIFT)
         return chain(x * (erf + one), g.out, consts, j)

@@ -59,14 +59,21 @@ def gemm_shape(func: tirx.PrimFunc) -> tuple[int, ...] | None:
     return tuple(_extents(sch, sch.get_sblock("C")))
 
 
+AMX_MIN_K = 256  # below, a block's few tile products do not pay for its configuration and C traffic:
+# attention's scores (K = head size 64) ran 1.4x slower on the tiles than on vpdpbusd, its context (K = keys)
+# even at 128 keys and 1.4x faster at 256
+
+
 def amx_fits(m: int, n: int, k: int) -> bool:
-    return m % AMX_M == 0 and n % AMX_N == 0 and k % AMX_K == 0
+    return m % AMX_M == 0 and n % AMX_N == 0 and k % AMX_K == 0 and k >= AMX_MIN_K
 
 
-def amx_columns(n: int) -> int:
+def amx_columns(n: int, parallel: bool) -> int:
     """Columns of one AMX intrinsic call: the most (each call reloads the tile configuration) that
-    divide N, up to 256 (a 32 KiB accumulator block, which the epilogue reads back from L1)."""
-    return next(c for c in (256, 192, 128, 96, 64, 32) if n % c == 0)
+    divide N, up to 256 (a 32 KiB accumulator block, which the epilogue reads back from L1); when
+    the blocks are the parallel loop, an even count of them first (two cores)."""
+    widths = [c for c in (256, 192, 128, 96, 64, 32) if n % c == 0]
+    return next((c for c in widths if not parallel or (n // c) % 2 == 0), widths[0])
 
 
 def tuned(isa: Isa, shape: tuple[int, ...]) -> bool:
@@ -113,22 +120,30 @@ def _gemm(sch: s_tir.Schedule, isa: Isa, tiles: Tiles | None) -> bool:
     if not packable(n, k):
         return False
     amx = isa.matrix and amx_fits(m, n, k)
-    mb, nb = (AMX_M, amx_columns(n) // LANES) if amx else tiles or default_tiles(m, n, isa)
+    mb, nb = (AMX_M, amx_columns(n, not batch) // LANES) if amx else tiles or default_tiles(m, n, isa)
     *bl, oi, oj = sch.get_loops(o)
     oi0, oi1 = sch.split(oi, [None, mb])
     oj0, oj1 = sch.split(oj, [None, nb * LANES])
-    sch.reorder(oi0, oj0, oi1, oj1)
-    sch.compute_at(c, oj0)
+    # AMX computes faster than a weight streams in: its linear layers take column blocks outermost,
+    # each block read from memory once for every row tile (the u8 activations staged whole first).
+    columns_first = amx and not bl
+    outer, inner = (oj0, oi0) if columns_first else (oi0, oj0)
+    sch.reorder(outer, inner, oi1, oj1)
+    sch.compute_at(c, inner)
     sch.set_scope(c, 0, "local")  # the accumulator shrinks to one register tile per iteration
     own = sch.get_loops(c)[len(bl) + 2 :]  # a one-row tile has no row loop of its own
     rows, a1, a2 = ([None] if len(own) == 2 else own[:1]) + own[-2:]
     # One parallel loop per kernel (each parallel region costs a barrier): over heads (attention)
-    # or row tiles. Per-head operands (packed K/V, key sums) and each row tile's u8 activations
-    # are staged inside it, once, and reused by every column tile.
-    par = sch.fuse(*bl) if bl else oi0
-    staged = [(name, at) for name, at in (("B_pack", par), ("ksum", par), ("A", oi0)) if _has_block(sch, name)]
+    # or the outer tiles. Per-head operands (packed K/V, key sums) and each row tile's u8
+    # activations are staged inside it, once, and reused by every column tile.
+    par = sch.fuse(*bl) if bl else outer
+    staged = [(name, at) for name, at in (("B_pack", par), ("ksum", par), ("A", None if columns_first else oi0))
+              if _has_block(sch, name)]
     for name, at in staged:
-        sch.compute_at(sch.get_sblock(name), at, preserve_unit_loops=False)
+        if at is None:
+            _parallel_vector(sch, sch.get_sblock(name))
+        else:
+            sch.compute_at(sch.get_sblock(name), at, preserve_unit_loops=False)
     sch.parallel(par)
     if amx:  # the whole block's reduction is one intrinsic call; its accumulator starts at 0 in memory
         init = sch.decompose_reduction(c, rows)
@@ -149,8 +164,9 @@ def _gemm(sch: s_tir.Schedule, isa: Isa, tiles: Tiles | None) -> bool:
     sch.vectorize(sch.get_loops(init)[-1])
     # the epilogue 16 columns at a time: wider int64 vectors than that spill registers
     sch.vectorize(sch.split(oj1, [None, LANES])[1] if nb > 1 else oj1)
-    for name, _ in staged:
-        _vectorize_inner(sch, sch.get_sblock(name))
+    for name, at in staged:
+        if at is not None:
+            _vectorize_inner(sch, sch.get_sblock(name))
     return True
 
 

@@ -28,8 +28,8 @@ def test_vnni_target_uses_vpdpbusd():
 
 
 def test_amx_target_uses_tiles_where_shapes_fill_them():
-    """32-row blocks over K in steps of 64 go to the tiles; 8 rows stay on vpdpbusd."""
-    asm = gemm_asm("x86-amx", m=64, n=96, k=128)
+    """32-row blocks over K >= 256 in steps of 64 go to the tiles; 8 rows stay on vpdpbusd."""
+    asm = gemm_asm("x86-amx", m=64, n=96, k=256)
     assert "tdpbusd" in asm and "ldtilecfg" in asm
     assert "tdpbusd" not in gemm_asm("x86-amx") and "vpdpbusd" in gemm_asm("x86-amx")
 
