@@ -13,7 +13,9 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
 
 FORMAT_VERSION = 3  # 2: one function per sequence-length bucket; 3: every IBert class (choices, seq_axis)
 MANIFEST = "manifest.json"
@@ -24,6 +26,34 @@ TOKENIZER = "tokenizer.json"
 
 class ArtifactError(RuntimeError):
     pass
+
+
+T = TypeVar("T")
+# the safetensors dtypes our parameters use (compile writes them with safetensors' own writer)
+SAFETENSORS_DTYPES = {"I8": np.int8, "U8": np.uint8, "I16": np.int16, "I32": np.int32, "I64": np.int64}
+
+
+def load_params(path: Path, names: list[str], place: Callable[[np.ndarray], T]) -> list[T]:
+    """`place(array)` of each named tensor of a safetensors file, read one at a time.
+
+    Plain reads, not safetensors' memory map: the mapped file counts in the process's resident
+    memory as it is read, which raised the runner's peak by the parameters' size again.
+    """
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        placed = []
+        for name in names:
+            entry = header.get(name)
+            if entry is None or entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise ArtifactError(f"{path}: no integer tensor {name!r} (parameters and manifest disagree)")
+            arr = np.empty(entry["shape"], SAFETENSORS_DTYPES[entry["dtype"]])
+            start, end = entry["data_offsets"]
+            f.seek(8 + size + start)
+            if end - start != arr.nbytes or f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
+                raise ArtifactError(f"{path}: tensor {name!r} is truncated")
+            placed.append(place(arr))
+    return placed
 
 
 def sha256(path: Path) -> str:

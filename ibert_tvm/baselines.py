@@ -109,9 +109,9 @@ def onnx_path(model: nn.Module, batch: int, seq: int, workdir: Path, int8: bool)
     return q
 
 
-def onnx_session(model: nn.Module, batch: int, seq: int, workdir: Path, int8: bool, threads: int,
-                 *, spin: bool = True) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """ONNX Runtime on CPU: `run(ids, mask) -> last_hidden_state`, int64 [batch, seq] inputs.
+def onnx_session(path: Path, threads: int, *, spin: bool = True) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """ONNX Runtime on CPU over an exported model (`onnx_path`): `run(ids, mask) -> last_hidden_state`,
+    int64 [batch, seq] inputs.
 
     spin=False when PyTorch (or another session) runs in the same process: ORT's idle workers
     spin-wait and fight torch's OpenMP threads for the cores (MiniLM 1x128 on 2 cores, ORT FP32 and
@@ -123,7 +123,7 @@ def onnx_session(model: nn.Module, batch: int, seq: int, workdir: Path, int8: bo
     opts.inter_op_num_threads = 1
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(onnx_path(model, batch, seq, workdir, int8)), opts,
+    sess = ort.InferenceSession(str(path), opts,
                                 providers=["CPUExecutionProvider"])
 
     def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

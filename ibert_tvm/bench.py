@@ -5,8 +5,9 @@ process PyTorch's OpenMP pool and TVM's thread pool slow each other down), built
 other, then timed in interleaved blocks so machine drift hits all alike. Idle workers are frozen
 (SIGSTOP): an idle thread pool still spins and, on 2 cores, cost the measured system a third.
 Each block has untimed warm-up calls (calls after a pause are slow). Peak RSS is the worker's
-high-water mark (VmHWM), model loading included; the INT8 library's worker loads the TVM
-runtime library only (TVM_USE_RUNTIME_LIB=1), as a deployment would. "INT8 GEMM floor" times the model's matrix products alone with `torch._int_mm`
+high-water mark (VmHWM), loading what it deploys included (our artifact, ONNX Runtime's .onnx file:
+both made beforehand in the parent); the INT8 library's worker loads the TVM runtime library only
+(TVM_USE_RUNTIME_LIB=1), as a deployment would. "INT8 GEMM floor" times the model's matrix products alone with `torch._int_mm`
 (oneDNN): the fraction of it a system reaches says how close to the hardware it is.
 """
 
@@ -16,6 +17,7 @@ import argparse
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,22 +83,37 @@ def compile_options(model: str, **fields) -> "CompileOptions":  # noqa: F821
                           **fields)
 
 
+def prepare(name: str, model: str, batch: int, seq: int) -> Path | None:
+    """What a system deploys, made here in the parent so that no worker's peak RSS counts the
+    compiler or exporter: our artifact, ONNX Runtime's .onnx file."""
+    if name == OURS:
+        return artifact_for(model, batch, seq)
+    if name.startswith("ONNX Runtime"):
+        from .baselines import onnx_path
+        from .fp32 import fp32_model
+
+        return onnx_path(fp32_model(str(model_dir(model)), "IBertModel"), batch, seq, CACHE / "onnx", "INT8" in name)
+    return None
+
+
 def _system(name: str, model: str, batch: int, seq: int, threads: int, lib: Path | None) -> Callable[[], object]:
-    """Build one system inside its worker; returns a zero-argument callable running one forward."""
+    """Build one system inside its worker (`lib`: what `prepare` made for it); returns a
+    zero-argument callable running one forward."""
     ids = np.random.default_rng(0).integers(1000, 20000, (batch, seq)).astype(np.int64)
     mask = np.ones_like(ids)
     if name == OURS:
-        os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # as deployed: the runtime library, not the compiler
+        # As deployed: the runtime library, not the compiler, and no PyTorch (the runner's install
+        # has none; tvm_ffi imports it eagerly when present, ~190 MiB of this worker's peak RSS)
+        os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+        sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
         from .runner import Runner
 
         r = Runner(lib, threads=threads)
         return lambda: r.run_integer(ids, mask)
     if name.startswith("ONNX Runtime"):
         from .baselines import onnx_session
-        from .fp32 import fp32_model
 
-        session = onnx_session(fp32_model(str(model_dir(model)), "IBertModel"), batch, seq, CACHE / "onnx",
-                               "INT8" in name, threads)
+        session = onnx_session(lib, threads)
         return lambda: session(ids, mask)
     import torch
 
@@ -177,10 +194,14 @@ def peak_rss_mib() -> float:
 def measure(systems: list[str], model: str, batch: int, seq: int, rounds: int, reps: int, threads: int
             ) -> dict[str, tuple[list[float], float] | str]:
     """name -> (times, peak RSS MiB), or the reason it could not run."""
-    lib = artifact_for(model, batch, seq) if OURS in systems else None
     ctx = mp.get_context("spawn")
     workers, result = {}, {}
     for name in systems:  # one after the other: building would skew the others
+        try:
+            lib = prepare(name, model, batch, seq)
+        except Exception as err:  # noqa: BLE001 - as in the worker: a table cell, the others go on
+            result[name] = f"failed: {type(err).__name__}: {err}".splitlines()[0][:200]
+            continue
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, args=(child, name, model, batch, seq, threads, lib))
         proc.start()

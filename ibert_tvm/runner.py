@@ -1,4 +1,4 @@
-"""Run a compiled artifact with the TVM runtime alone (numpy, tokenizers, safetensors; no torch).
+"""Run a compiled artifact with the TVM runtime alone (numpy, tokenizers; no torch).
 
 Integers come out of the library; `run` multiplies them by the scales in the manifest, the one
 float step of the pipeline.
@@ -47,7 +47,6 @@ class Runner:
         `rpc`: HOST:PORT of a `python -m tvm.exec.rpc_server` (a board) that runs the library;
         the artifact stays here, its library is uploaded, inputs and outputs travel."""
         import tvm
-        from safetensors.numpy import load_file
         from tvm.runtime.vm import VirtualMachine  # not tvm.relax: boards may have the runtime only
 
         self.path = Path(path)
@@ -79,8 +78,8 @@ class Runner:
         self.outputs: list[dict[str, Any]] = m["outputs"]
         self.scales = {o["name"]: np.asarray(o["scale"]) for o in self.outputs}
         self._vm = VirtualMachine(lib, self._dev)
-        params = load_file(str(self.path / artifact.PARAMS))
-        self._params = [tvm.runtime.tensor(params[name], self._dev) for name in m["params"]]
+        self._params = artifact.load_params(self.path / artifact.PARAMS, m["params"],
+                                            lambda a: tvm.runtime.tensor(a, self._dev))
         self._tensor = tvm.runtime.tensor
         self._tokenizer = None
 

@@ -170,6 +170,7 @@ TAMPERING = {
     "unlisted-library": (edit_manifest(lambda m: m["files"].pop(art.LIBRARY)), ArtifactError, art.LIBRARY),
     "other-arch": (edit_manifest(lambda m: m["target"].update(arch="aarch64")), RuntimeError, "aarch64"),
     "missing-cpu-flag": (edit_manifest(lambda m: m["target"]["cpu_flags"].append("amx_fp99")), RuntimeError, "amx_fp99"),
+    "unknown-param": (edit_manifest(lambda m: m["params"].append("ghost")), ArtifactError, "no integer tensor 'ghost'"),
 }
 
 
