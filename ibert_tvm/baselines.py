@@ -1,4 +1,5 @@
-"""CPU baselines outside TVM for the same FP32 IBert: PyTorch dynamic INT8 and ONNX Runtime FP32/INT8.
+"""CPU baselines for the same FP32 IBert: PyTorch dynamic INT8, ONNX Runtime FP32/INT8, and TVM's own
+FP32 path (its PyTorch frontend, with plain schedules).
 
 Needs the `compile` extra plus onnx, onnxscript (the dynamo exporter needs it) and onnxruntime.
 """
@@ -129,5 +130,90 @@ def onnx_session(path: Path, threads: int, *, spin: bool = True) -> Callable[[np
     def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         feed = {"input_ids": np.asarray(ids, np.int64), "attention_mask": np.asarray(mask, np.int64)}
         return sess.run(["last_hidden_state"], feed)[0]
+
+    return run
+
+
+def _fp32_schedule(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":  # noqa: F821
+    """A plain CPU schedule for TVM's legalized FP32 ops: each matmul in 4-row x 16-lane register
+    tiles accumulated locally over K (parallel over row tiles and batch), every other block with
+    its leading spatial loops in parallel and its last one vectorized (as our rowwise fallback)."""
+    from tvm import s_tir
+
+    from schedules.cpu import _generic, _parallel_vector
+
+    sch = s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    if any(w.source.dtype == "bool" for b in blocks for w in sch.get(b).writes):  # masks: TVM cannot
+        return func  # vectorize bool stores
+    try:
+        blk = sch.get_sblock("matmul")
+    except s_tir.ScheduleError:
+        _generic(sch)
+        return sch.mod["main"]
+    *batch, i, j, k = sch.get_loops(blk)
+    rows, cols = (4 if int(sch.get(i).extent) % 4 == 0 else 1), (16 if int(sch.get(j).extent) % 16 == 0 else 1)
+    i0, i1 = sch.split(i, [None, rows])
+    j0, j1 = sch.split(j, [None, cols])
+    sch.reorder(*batch, i0, j0, k, i1, j1)
+    par = sch.fuse(*batch, i0) if batch else i0
+    sch.parallel(par)
+    acc = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(acc, j0)
+    sch.vectorize(j1)  # before decompose_reduction, which TVM requires
+    init = sch.decompose_reduction(blk, k)
+    sch.unroll(i1)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(acc)[-1])
+    for other in sch.get_child_blocks(sch.get_sblock("root")):  # fused epilogues (bias, GELU): own loops
+        loops = sch.get_loops(other)
+        if loops and not sch.get(loops[0]).same_as(sch.get(par)):
+            _parallel_vector(sch, other)
+    return sch.mod["main"]
+
+
+def tvm_fp32_library(model: nn.Module, batch: int, seq: int, workdir: Path) -> Path:
+    """The FP32 model through TVM's own PyTorch frontend (torch.export -> Relax), its ops legalized
+    and fused by TVM, scheduled plainly (`_fp32_schedule`), for this CPU; cached like the .onnx."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from .targets import get, tvm_target
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = workdir / f"ibert-{_fingerprint(model)}-b{batch}-s{seq}-tvm-fp32.so"
+    if out.is_file():
+        return out
+    ids = torch.ones(batch, seq, dtype=torch.int64)
+    with torch.no_grad():
+        exported = torch.export.export(_LastHidden(model).eval(), (ids, torch.ones_like(ids)))
+    mod = from_exported_program(exported, keep_params_as_input=False)
+    target = tvm_target(get("host"))
+    with target:
+        mod = tvm.ir.transform.Sequential([
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR(),
+        ])(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tvm.tirx.PrimFunc):
+            mod[gv] = _fp32_schedule(func)
+    tmp = out.with_suffix(f".tmp{os.getpid()}.so")
+    tvm.compile(mod, target).export_library(str(tmp))
+    os.replace(tmp, out)
+    return out
+
+
+def tvm_fp32_session(path: Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """`run(ids, mask) -> last_hidden_state` of a `tvm_fp32_library` (TVM's runtime only)."""
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    vm = VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+
+    def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        out = vm["main"](tvm.runtime.tensor(np.asarray(ids, np.int64)), tvm.runtime.tensor(np.asarray(mask, np.int64)))
+        return (out if hasattr(out, "numpy") else out[0]).numpy()  # the frontend may wrap it in a tuple
 
     return run

@@ -28,6 +28,7 @@ WARMUP = 3
 OURS, BASE, FLOOR = "ibert-tvm INT8", "PyTorch FP32", "INT8 GEMM floor"
 SYSTEMS = {
     OURS: "the compiled integer-only library (TVM runtime only)",
+    "TVM FP32": "the FP32 model through TVM's own PyTorch frontend, TVM-fused ops, plain CPU schedules",
     BASE: "PyTorch FP32 eager (quant_mode=False)",
     "PyTorch dynamic INT8": "torch quantize_dynamic of the FP32 model's Linear layers",
     "ONNX Runtime FP32": "dynamo-exported FP32 model",
@@ -88,11 +89,14 @@ def prepare(name: str, model: str, batch: int, seq: int) -> Path | None:
     compiler or exporter: our artifact, ONNX Runtime's .onnx file."""
     if name == OURS:
         return artifact_for(model, batch, seq)
-    if name.startswith("ONNX Runtime"):
-        from .baselines import onnx_path
+    if name.startswith("ONNX Runtime") or name == "TVM FP32":
+        from .baselines import onnx_path, tvm_fp32_library
         from .fp32 import fp32_model
 
-        return onnx_path(fp32_model(str(model_dir(model)), "IBertModel"), batch, seq, CACHE / "onnx", "INT8" in name)
+        net = fp32_model(str(model_dir(model)), "IBertModel")
+        if name == "TVM FP32":
+            return tvm_fp32_library(net, batch, seq, CACHE / "tvm-fp32")
+        return onnx_path(net, batch, seq, CACHE / "onnx", "INT8" in name)
     return None
 
 
@@ -110,10 +114,14 @@ def _system(name: str, model: str, batch: int, seq: int, threads: int, lib: Path
 
         r = Runner(lib, threads=threads)
         return lambda: r.run_integer(ids, mask)
-    if name.startswith("ONNX Runtime"):
-        from .baselines import onnx_session
+    if name.startswith("ONNX Runtime") or name == "TVM FP32":
+        from .baselines import onnx_session, tvm_fp32_session
 
-        session = onnx_session(lib, threads)
+        if name == "TVM FP32":
+            from .runner import use_threads
+
+            use_threads(threads)
+        session = tvm_fp32_session(lib) if name == "TVM FP32" else onnx_session(lib, threads)
         return lambda: session(ids, mask)
     import torch
 

@@ -23,3 +23,23 @@ def test_measure_runs_each_system_in_its_own_process():
 def test_bad_shape_is_refused(capsys):
     assert cli.main(["bench", "--shapes", "128"]) == 2
     assert "shape must look like 1x128" in capsys.readouterr().err
+
+
+def test_tvm_fp32_baseline_matches_pytorch(tmp_path):
+    """TVM's own FP32 path (PyTorch frontend, plain schedules) computes the same hidden states."""
+    import numpy as np
+    import torch
+    from conftest import random_inputs, save_checkpoint
+
+    from ibert_tvm.baselines import tvm_fp32_library, tvm_fp32_session
+    from ibert_tvm.fp32 import fp32_model
+
+    net = fp32_model(str(save_checkpoint(tmp_path / "ckpt", "IBertModel")), "IBertModel")
+    ids, mask = random_inputs(np.random.default_rng(0), 2, 16)
+    lib = tvm_fp32_library(net, 2, 16, tmp_path / "work")
+    got = tvm_fp32_session(lib)(ids, mask)
+    with torch.no_grad():
+        want = net(input_ids=torch.tensor(ids, dtype=torch.int64), attention_mask=torch.tensor(mask)).last_hidden_state
+    assert np.abs(want.numpy()).max() > 0.5
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+    assert tvm_fp32_library(net, 2, 16, tmp_path / "work") == lib  # cached
