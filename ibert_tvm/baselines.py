@@ -204,16 +204,3 @@ def tvm_fp32_library(model: nn.Module, batch: int, seq: int, workdir: Path) -> P
     os.replace(tmp, out)
     return out
 
-
-def tvm_fp32_session(path: Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """`run(ids, mask) -> last_hidden_state` of a `tvm_fp32_library` (TVM's runtime only)."""
-    import tvm
-    from tvm.runtime.vm import VirtualMachine
-
-    vm = VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
-
-    def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        out = vm["main"](tvm.runtime.tensor(np.asarray(ids, np.int64)), tvm.runtime.tensor(np.asarray(mask, np.int64)))
-        return (out if hasattr(out, "numpy") else out[0]).numpy()  # the frontend may wrap it in a tuple
-
-    return run

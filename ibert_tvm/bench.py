@@ -105,23 +105,27 @@ def _system(name: str, model: str, batch: int, seq: int, threads: int, lib: Path
     zero-argument callable running one forward."""
     ids = np.random.default_rng(0).integers(1000, 20000, (batch, seq)).astype(np.int64)
     mask = np.ones_like(ids)
-    if name == OURS:
+    if name in (OURS, "TVM FP32"):
         # As deployed: the runtime library, not the compiler, and no PyTorch (the runner's install
         # has none; tvm_ffi imports it eagerly when present, ~190 MiB of this worker's peak RSS)
         os.environ["TVM_USE_RUNTIME_LIB"] = "1"
         sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    if name == OURS:
         from .runner import Runner
 
         r = Runner(lib, threads=threads)
         return lambda: r.run_integer(ids, mask)
     if name.startswith("ONNX Runtime") or name == "TVM FP32":
-        from .baselines import onnx_session, tvm_fp32_session
-
         if name == "TVM FP32":
+            from .fp32 import tvm_fp32_session
             from .runner import use_threads
 
             use_threads(threads)
-        session = tvm_fp32_session(lib) if name == "TVM FP32" else onnx_session(lib, threads)
+            session = tvm_fp32_session(lib)
+        else:
+            from .baselines import onnx_session
+
+            session = onnx_session(lib, threads)
         return lambda: session(ids, mask)
     import torch
 

@@ -1,6 +1,10 @@
-"""FP32 PyTorch baselines of the same checkpoint (for the demo, the accuracy report, the benchmark)."""
+"""FP32 baselines of the same checkpoint (for the demo, the accuracy report, the benchmark): PyTorch's,
+and a runner for TVM's own FP32 library (`baselines.tvm_fp32_library`) that needs no PyTorch."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -26,3 +30,17 @@ def fp32_embeddings(model: str, texts: list[str], seq_len: int) -> np.ndarray:
     with torch.no_grad():
         hidden = net(**batch).last_hidden_state.numpy()
     return mean_pool(hidden, batch["attention_mask"].numpy())
+
+
+def tvm_fp32_session(path: Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """`run(ids, mask) -> last_hidden_state` of a `tvm_fp32_library` (TVM's runtime only)."""
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    vm = VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+
+    def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        out = vm["main"](tvm.runtime.tensor(np.asarray(ids, np.int64)), tvm.runtime.tensor(np.asarray(mask, np.int64)))
+        return (out if hasattr(out, "numpy") else out[0]).numpy()  # the frontend may wrap it in a tuple
+
+    return run
