@@ -86,7 +86,7 @@ def compile_options(model: str, **fields) -> "CompileOptions":  # noqa: F821
 
 def prepare(name: str, model: str, batch: int, seq: int) -> Path | None:
     """What a system deploys, made here in the parent so that no worker's peak RSS counts the
-    compiler or exporter: our artifact, ONNX Runtime's .onnx file."""
+    compiler or exporter: our artifact, ONNX Runtime's .onnx file, TVM's FP32 library."""
     if name == OURS:
         return artifact_for(model, batch, seq)
     if name.startswith("ONNX Runtime") or name == "TVM FP32":
@@ -115,17 +115,17 @@ def _system(name: str, model: str, batch: int, seq: int, threads: int, lib: Path
 
         r = Runner(lib, threads=threads)
         return lambda: r.run_integer(ids, mask)
-    if name.startswith("ONNX Runtime") or name == "TVM FP32":
-        if name == "TVM FP32":
-            from .fp32 import tvm_fp32_session
-            from .runner import use_threads
+    if name == "TVM FP32":
+        from .fp32 import tvm_fp32_session
+        from .runner import use_threads
 
-            use_threads(threads)
-            session = tvm_fp32_session(lib)
-        else:
-            from .baselines import onnx_session
+        use_threads(threads)
+        session = tvm_fp32_session(lib)
+        return lambda: session(ids, mask)
+    if name.startswith("ONNX Runtime"):
+        from .baselines import onnx_session
 
-            session = onnx_session(lib, threads)
+        session = onnx_session(lib, threads)
         return lambda: session(ids, mask)
     import torch
 
