@@ -6,11 +6,12 @@ Needs the `compile` extra plus onnx, onnxscript (the dynamo exporter needs it) a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,39 +76,54 @@ def _fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _export_fp32(model: nn.Module, batch: int, seq: int, path: Path) -> None:
-    ids = torch.ones(batch, seq, dtype=torch.int64)
-    mask = torch.ones(batch, seq, dtype=torch.int64)
-    was_training = model.training  # .eval() below (no dropout in the graph) is undone afterwards
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode (no dropout in an exported graph), its training mode restored after."""
+    was_training = model.training
     try:
-        tmp = path.with_suffix(f".tmp{os.getpid()}.onnx")
-        # dynamo=True: the TorchScript exporter gives wrong outputs for IBert. One file
-        # (external_data=False) so quantize_dynamic and the cache handle a single path.
-        torch.onnx.export(_LastHidden(model).eval(), (ids, mask), str(tmp), dynamo=True, external_data=False,
-                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"])
-        os.replace(tmp, path)  # atomic, so a concurrent or interrupted run never leaves half a file
+        yield model.eval()
     finally:
         model.train(was_training)
 
 
+def _cached(path: Path, make: Callable[[Path], object]) -> Path:
+    """`path`, made by `make(tmp)` on first use and renamed into place: atomic, so a concurrent or
+    interrupted run never leaves half a file."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}{path.suffix}")
+        make(tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def _stem(model: nn.Module, batch: int, seq: int, workdir: Path) -> Path:
+    """Where a cached export of this model (by content) and static shape lives."""
+    return Path(workdir) / f"ibert-{_fingerprint(model)}-b{batch}-s{seq}"
+
+
+def _export_fp32(model: nn.Module, batch: int, seq: int, path: Path) -> None:
+    ids = torch.ones(batch, seq, dtype=torch.int64)
+    # dynamo=True: the TorchScript exporter gives wrong outputs for IBert. One file
+    # (external_data=False) so quantize_dynamic and the cache handle a single path.
+    with _evaluating(model):
+        torch.onnx.export(_LastHidden(model).eval(), (ids, torch.ones_like(ids)), str(path), dynamo=True, external_data=False,
+                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"])
+
+
 def onnx_path(model: nn.Module, batch: int, seq: int, workdir: Path, int8: bool) -> Path:
     """The cached .onnx for this model and static shape, exported (and quantised) on first use."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    stem = f"ibert-{_fingerprint(model)}-b{batch}-s{seq}"
-    fp32 = workdir / f"{stem}-fp32.onnx"
-    if not fp32.is_file():
-        _export_fp32(model, batch, seq, fp32)
+    stem = _stem(model, batch, seq, workdir)
+    fp32 = _cached(stem.with_name(stem.name + "-fp32.onnx"), lambda tmp: _export_fp32(model, batch, seq, tmp))
     if not int8:
         return fp32
-    q = workdir / f"{stem}-int8.onnx"
-    if not q.is_file():
+
+    def quantize(tmp: Path) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        tmp = q.with_suffix(f".tmp{os.getpid()}.onnx")
         quantize_dynamic(fp32, tmp, weight_type=QuantType.QInt8)
-        os.replace(tmp, q)
-    return q
+
+    return _cached(stem.with_name(stem.name + "-int8.onnx"), quantize)
 
 
 def onnx_session(path: Path, threads: int, *, spin: bool = True) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -181,26 +197,21 @@ def tvm_fp32_library(model: nn.Module, batch: int, seq: int, workdir: Path) -> P
 
     from .targets import get, tvm_target
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    out = workdir / f"ibert-{_fingerprint(model)}-b{batch}-s{seq}-tvm-fp32.so"
-    if out.is_file():
-        return out
-    ids = torch.ones(batch, seq, dtype=torch.int64)
-    with torch.no_grad():
-        exported = torch.export.export(_LastHidden(model).eval(), (ids, torch.ones_like(ids)))
-    mod = from_exported_program(exported, keep_params_as_input=False)
-    target = tvm_target(get("host"))
-    with target:
-        mod = tvm.ir.transform.Sequential([
-            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-            relax.transform.FuseOps(), relax.transform.FuseTIR(),
-        ])(mod)
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, tvm.tirx.PrimFunc):
-            mod[gv] = _fp32_schedule(func)
-    tmp = out.with_suffix(f".tmp{os.getpid()}.so")
-    tvm.compile(mod, target).export_library(str(tmp))
-    os.replace(tmp, out)
-    return out
+    def build(tmp: Path) -> None:
+        ids = torch.ones(batch, seq, dtype=torch.int64)
+        with torch.no_grad(), _evaluating(model):
+            exported = torch.export.export(_LastHidden(model).eval(), (ids, torch.ones_like(ids)))
+        mod = from_exported_program(exported, keep_params_as_input=False)
+        target = tvm_target(get("host"))
+        with target:
+            mod = tvm.ir.transform.Sequential([
+                relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+                relax.transform.FuseOps(), relax.transform.FuseTIR(),
+            ])(mod)
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, tvm.tirx.PrimFunc):
+                mod[gv] = _fp32_schedule(func)
+        tvm.compile(mod, target).export_library(str(tmp))
 
+    stem = _stem(model, batch, seq, workdir)
+    return _cached(stem.with_name(stem.name + "-tvm-fp32.so"), build)

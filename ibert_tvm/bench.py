@@ -89,14 +89,16 @@ def prepare(name: str, model: str, batch: int, seq: int) -> Path | None:
     compiler or exporter: our artifact, ONNX Runtime's .onnx file, TVM's FP32 library."""
     if name == OURS:
         return artifact_for(model, batch, seq)
-    if name.startswith("ONNX Runtime") or name == "TVM FP32":
-        from .baselines import onnx_path, tvm_fp32_library
-        from .fp32 import fp32_model
+    from .fp32 import fp32_model
 
-        net = fp32_model(str(model_dir(model)), "IBertModel")
-        if name == "TVM FP32":
-            return tvm_fp32_library(net, batch, seq, CACHE / "tvm-fp32")
-        return onnx_path(net, batch, seq, CACHE / "onnx", "INT8" in name)
+    if name == "TVM FP32":
+        from .baselines import tvm_fp32_library
+
+        return tvm_fp32_library(fp32_model(str(model_dir(model)), "IBertModel"), batch, seq, CACHE / "tvm-fp32")
+    if name.startswith("ONNX Runtime"):
+        from .baselines import onnx_path
+
+        return onnx_path(fp32_model(str(model_dir(model)), "IBertModel"), batch, seq, CACHE / "onnx", "INT8" in name)
     return None
 
 

@@ -40,7 +40,7 @@ def tvm_fp32_session(path: Path) -> Callable[[np.ndarray, np.ndarray], np.ndarra
     vm = VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
 
     def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        out = vm["main"](tvm.runtime.tensor(np.asarray(ids, np.int64)), tvm.runtime.tensor(np.asarray(mask, np.int64)))
-        return (out if hasattr(out, "numpy") else out[0]).numpy()  # the frontend may wrap it in a tuple
+        (out,) = vm["main"](tvm.runtime.tensor(np.asarray(ids, np.int64)), tvm.runtime.tensor(np.asarray(mask, np.int64)))
+        return out.numpy()
 
     return run

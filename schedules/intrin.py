@@ -5,7 +5,7 @@ adding a 4-element product of one A group (broadcast) with a 16x4 packed B tile.
   LLVM 22's declaration wants <64 x i8>, and fails verification; here both operands are bytes.
 - ARM `sdot` (s8 x s8): four 4-lane instructions per tile. TVM's stock 4x4 intrinsic writes a
   global-scope C, which does not match our local accumulator.
-And a 32x32 block over the whole reduction on Intel AMX tiles (`tdpbusd`, u8 x s8), below.
+And a 32-row block over the whole reduction on Intel AMX tiles (`tdpbusd`, u8 x s8), below.
 """
 
 import functools
@@ -80,7 +80,7 @@ s_tir.TensorIntrin.register(SDOT_INTRIN, _desc("int8"), _sdot)
 
 
 # Intel AMX: eight tile registers of 16 rows x 64 bytes, configured alike (one 64-byte config):
-# tmm0-3 accumulate a 32x32 int32 block, tmm4-5 hold two 16-row u8 A tiles (64 k each), tmm6-7
+# tmm0-3 accumulate 32x32 int32 of the block, tmm4-5 hold two 16-row u8 A tiles (64 k each), tmm6-7
 # two 16-column B tiles (16 groups of 4 k: exactly 16 rows of the packed [N/16, K/4, 16, 4]).
 AMX_M = AMX_N = 32
 AMX_K = 64
