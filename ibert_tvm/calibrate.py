@@ -233,35 +233,31 @@ def calibrate_checkpoint(model: str | Path, texts_file: Path, out: Path, *, esti
     """Calibrate checkpoint `model` (a directory or "default") on `texts_file`'s lines and write a
     calibrated IBert checkpoint with the source's tokenizer files and `calibration.json` to `out`."""
     from . import checkpoint
-    from .artifact import TOKENIZER, check_writable, sha256, write_dir
+    from .artifact import TOKENIZER, Staging, sha256
 
     check_estimator(estimator, percentile)
     if max_texts is not None and max_texts < 1:
         raise ValueError(f"--max-texts must be at least 1, got {max_texts}")
-    out = Path(out)
-    check_writable(out, force)  # before the heavy work; write_dir checks again when it writes
-    texts = read_texts(texts_file)[:max_texts]
-    src = checkpoint.resolve(model)
-    if not (src / TOKENIZER).is_file():
-        raise FileNotFoundError(f"{src} has no {TOKENIZER} to tokenize calibration text with")
-    ibert = checkpoint.load(src, quant_mode=True)
-    calibrate_texts(ibert, texts, src / TOKENIZER, seq_len, batch_size, progress,
-                    estimator=estimator, percentile=percentile)
-    record = {
-        "source": str(model),
-        "estimator": estimator,
-        "percentile": percentile if estimator == "percentile" else None,
-        "texts": len(texts),
-        "texts_sha256": sha256(Path(texts_file)),
-        "seq_len": seq_len,
-        "batch_size": batch_size,
-    }
-
-    def fill(tmp: Path) -> None:
-        ibert.save_pretrained(tmp)
+    with Staging(Path(out), force) as stage:  # claimed before the heavy work
+        texts = read_texts(texts_file)[:max_texts]
+        src = checkpoint.resolve(model)
+        if not (src / TOKENIZER).is_file():
+            raise FileNotFoundError(f"{src} has no {TOKENIZER} to tokenize calibration text with")
+        ibert = checkpoint.load(src, quant_mode=True)
+        calibrate_texts(ibert, texts, src / TOKENIZER, seq_len, batch_size, progress,
+                        estimator=estimator, percentile=percentile)
+        record = {
+            "source": str(model),
+            "estimator": estimator,
+            "percentile": percentile if estimator == "percentile" else None,
+            "texts": len(texts),
+            "texts_sha256": sha256(Path(texts_file)),
+            "seq_len": seq_len,
+            "batch_size": batch_size,
+        }
+        ibert.save_pretrained(stage.dir)
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
-        (tmp / CALIBRATION).write_text(json.dumps(record, indent=2))
-
-    return write_dir(out, fill, force)
+                shutil.copyfile(src / name, stage.dir / name)
+        (stage.dir / CALIBRATION).write_text(json.dumps(record, indent=2))
+        return stage.publish()

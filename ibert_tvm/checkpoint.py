@@ -8,12 +8,16 @@ pad + 1 leading rows (see ../shared/DATA.md).
 from __future__ import annotations
 
 import json
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors import safe_open
 from transformers import AutoConfig, IBertConfig
 from transformers.models.ibert import quant_modules as qm
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 DEFAULT_MODEL = "default"
 SUPPORTED = ("ibert", "bert", "roberta")
@@ -33,6 +37,15 @@ BERT_HEADS = {
     "cls.predictions.decoder.": "lm_head.decoder.",
     "cls.predictions.bias": "lm_head.bias",
 }
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's weight file that cannot be read (a truncated download or copy, not a weight file)."""
+
+
+class NonFiniteError(ValueError):
+    """A weight, buffer or calibrated range holds NaN or inf: quantization would turn it into finite
+    but meaningless integers, so the compiled model would run and answer wrongly."""
 
 
 def default_model_dir() -> Path:
@@ -84,6 +97,61 @@ def ibert_config(path: Path, quant_mode: bool = True) -> IBertConfig:
     return IBertConfig(**d, quant_mode=quant_mode)
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The weight files `from_pretrained` reads from checkpoint directory `path`, in its order of
+    preference: one file, or the shards its index names."""
+    for single, index in ((SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME), (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
+        if (path / single).is_file():
+            return [path / single]
+        if (path / index).is_file():
+            try:
+                shards = json.loads((path / index).read_text())["weight_map"].values()
+            except (ValueError, KeyError, AttributeError) as err:
+                raise CorruptCheckpointError(f"{path / index} is truncated or corrupt: {err!r}") from err
+            return [path / name for name in sorted(set(shards))]
+    return []
+
+
+def check_weight_files(path: Path) -> None:
+    """CorruptCheckpointError naming the first of `path`'s weight files that is truncated or not a
+    weight file. The safetensors and torch readers say neither which file failed nor, for a pickle,
+    that it is damaged; this reads headers only, not the tensors."""
+    for file in weight_files(path):
+        try:
+            if file.suffix == ".safetensors":
+                # Parsing the header also checks that its tensors cover the file exactly
+                with safe_open(str(file), framework="pt"):
+                    pass
+            else:
+                # Tensors go to the meta device, so only the pickle and (for a zip) its directory are read
+                torch.load(file, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(file))
+        except OSError:
+            raise  # unreadable (missing shard, permissions, I/O): the OS error names the file already
+        except Exception as err:  # each reader has its own exceptions for malformed content
+            raise CorruptCheckpointError(f"{file} is truncated or corrupt: {err}") from err
+
+
+def _floating_state(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every float value the integer program is derived from, by name: the state_dict's floating
+    tensors (weights, biases, QuantAct ranges) and the ranges calibration keeps in the config."""
+    from .calibrate import CHANNEL_RANGES, HEAD_RANGES, channel_ranges, head_ranges
+
+    yield from ((k, v) for k, v in model.state_dict().items() if v.is_floating_point())
+    for attr, ranges in ((CHANNEL_RANGES, channel_ranges(model)), (HEAD_RANGES, head_ranges(model))):
+        yield from ((f"config.{attr}[{k!r}]", torch.tensor(v, dtype=torch.float64)) for k, v in ranges.items())
+
+
+def check_finite(model: torch.nn.Module, source: str | Path | None = None) -> None:
+    """NonFiniteError naming the first weight, buffer or calibrated range of `model` that holds NaN
+    or inf (prefixed with `source`, the checkpoint it came from, when given)."""
+    for name, value in _floating_state(model):
+        if not torch.isfinite(value).all():
+            what = "NaN" if value.isnan().any() else "inf"
+            prefix = f"{source}: " if source is not None else ""
+            raise NonFiniteError(f"{prefix}{name} contains {what}; cannot quantize a non-finite value "
+                                 "(corrupt checkpoint or diverged training?)")
+
+
 def _ibert_name(key: str, model_type: str, cls: str) -> str:
     """A BERT/RoBERTa tensor name -> IBert's. BERT's pooler + classifier is IBert's classification
     head (dense -> tanh -> out_proj on the first token), so it maps onto it one to one."""
@@ -123,6 +191,7 @@ def load(path: str | Path, model_class: str | None = None, quant_mode: bool = Tr
         cfg.num_labels = num_labels
     cls = getattr(transformers, cls_name)
     model_type = AutoConfig.from_pretrained(path).model_type
+    check_weight_files(path)
     if model_type == "ibert":
         model, info = cls.from_pretrained(path, config=cfg, output_loading_info=True)
         missing, unexpected = info["missing_keys"], []
@@ -148,6 +217,8 @@ def load(path: str | Path, model_class: str | None = None, quant_mode: bool = Tr
     missing = [k for k in missing if k not in fresh]
     if missing or unexpected:
         raise ValueError(f"{path}: tensors do not map onto IBert (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    # Here, before calibration, whose forward would stop at HF's bare NaN assertion instead
+    check_finite(model, path)
     return model.eval()
 
 

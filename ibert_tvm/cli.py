@@ -29,8 +29,19 @@ def _options(a: argparse.Namespace, **extra):
 def cmd_compile(a: argparse.Namespace) -> int:
     from .compile import compile_model
 
-    opt = _options(a, out=Path(a.output), force=a.force, buckets=tuple(a.buckets), choices=a.choices)
+    opt = _options(a, out=Path(a.output), force=a.force, buckets=tuple(a.buckets), choices=a.choices,
+                   sign_key=Path(a.sign_key) if a.sign_key else None)
     print(f"wrote {compile_model(opt)}")
+    return 0
+
+
+def cmd_keygen(a: argparse.Namespace) -> int:
+    from .signing import generate
+
+    private = Path(a.output)
+    public = private.with_name(private.name.removesuffix(".pem") + ".pub.pem")
+    generate(private, public)
+    print(f"private key {private} (compile --sign-key), public key {public} (run --verify-key)")
     return 0
 
 
@@ -95,7 +106,7 @@ def _task_results(r, a: argparse.Namespace) -> list[dict]:
 def cmd_run(a: argparse.Namespace) -> int:
     from .runner import Runner
 
-    with Runner(a.artifact, threads=a.threads, rpc=a.rpc, rpc_timeout=a.rpc_timeout) as r:
+    with Runner(a.artifact, threads=a.threads, rpc=a.rpc, rpc_timeout=a.rpc_timeout, verify_key=a.verify_key) as r:
         result = _task_results(r, a)
     if a.json:
         print(json.dumps(result, indent=2))
@@ -122,7 +133,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     ours = r.embed(DEMO_SENTENCES)
     ref = fp32_embeddings("default", DEMO_SENTENCES, a.seq_len)
     sim_int, sim_fp = ours @ ours.T, ref @ ref.T
-    print(f"artifact: {out}  (target {r.manifest['target']['preset']}, seq_len {r.seq_len})")
+    print(f"artifact: {out}  (target {r.manifest.target.preset}, seq_len {r.seq_len})")
     for i, s in enumerate(DEMO_SENTENCES):
         print(f"  [{i}] {s}")
     print("\npair   int8-TVM   fp32-PyTorch")
@@ -168,6 +179,15 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    from .remote import check_timeout  # stdlib only at import: no TVM loaded while parsing
+
+    try:
+        return check_timeout(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}") from None
+
+
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="transformers checkpoint directory, or 'default' (all-MiniLM-L6-v2)")
     p.add_argument("--target", default="host", help="target preset (`ibert-tvm targets` lists them); default: this machine")
@@ -196,7 +216,10 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a checkpoint into an artifact folder")
     _model_arguments(c)
     c.add_argument("-o", "--output", default="artifacts/model")
-    c.add_argument("--force", action="store_true", help="replace an existing artifact")
+    c.add_argument("--force", action="store_true",
+                   help="replace an existing artifact (only a folder ibert-tvm wrote; anything else is an error)")
+    c.add_argument("--sign-key", metavar="PEM", help="sign the manifest with this Ed25519 private key "
+                                                     "(`ibert-tvm keygen` makes one)")
     c.add_argument("--choices", type=int, help="multiple-choice models: the most choices per question (default 4)")
     c.add_argument("--buckets", type=int, nargs="+", default=[], metavar="LEN",
                    help="also compile these shorter lengths; text runs at the shortest that holds it")
@@ -228,6 +251,11 @@ def parser() -> argparse.ArgumentParser:
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_arguments(b)
     b.set_defaults(fn=bench.run)
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts (compile --sign-key) "
+                                      "and verifying them (run --verify-key)")
+    k.add_argument("-o", "--output", default="ibert-tvm-signing.pem",
+                   help="private key file (never overwritten); the public key goes to NAME.pub.pem")
+    k.set_defaults(fn=cmd_keygen)
     ts = sub.add_parser("targets", help="list the target presets")
     ts.add_argument("--json", action="store_true")
     ts.set_defaults(fn=cmd_targets)
@@ -243,7 +271,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--truncate", action="store_true", help="cut text longer than the compiled length")
     r.add_argument("--threads", type=int, help="worker threads (default: every CPU this process may use)")
     r.add_argument("--rpc", metavar="HOST:PORT", help="run on a board serving `python -m tvm.exec.rpc_server`")
-    r.add_argument("--rpc-timeout", type=float, default=10.0, help="seconds to wait for the RPC server")
+    r.add_argument("--rpc-timeout", type=_positive_seconds, default=10.0, help="seconds to wait for the RPC server")
+    r.add_argument("--verify-key", metavar="PEM", help="require a signature by this Ed25519 public key")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("demo", help="compile the default model here and compare sentence similarities with FP32")
     d.add_argument("-o", "--output", default="artifacts/default-host")

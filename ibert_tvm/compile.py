@@ -14,6 +14,7 @@ import numpy as np
 from schedules import tuning
 
 from . import artifact, targets
+from .manifest import Manifest, Output, Target, Tensor, TokenizerInfo
 from .program import IntProgram
 
 
@@ -31,6 +32,7 @@ class CompileOptions:
     progress: bool = True
     records: Path | None = None  # tuning records folder (default: schedules/records)
     choices: int | None = None  # multiple choice: most choices per question (default 4)
+    sign_key: Path | None = None  # Ed25519 private key (PEM): the artifact's manifest is signed with it
 
     def choices_for(self, program: IntProgram) -> int:
         if not program.multiple_choice:
@@ -93,17 +95,24 @@ def load_calibrated(opt: CompileOptions) -> tuple["torch.nn.Module", Path]:  # n
 
 
 def compile_model(opt: CompileOptions) -> Path:
-    """Compile `opt.model` for `opt.target`; returns the artifact folder."""
+    """Compile `opt.model` for `opt.target`; returns the artifact folder. The output is claimed
+    (checked, locked) before the model is loaded: a second compile to it fails at once."""
     from .importer import convert
 
     _preflight(opt)
-    artifact.check_writable(Path(opt.out), opt.force)
-    model, path = load_calibrated(opt)
-    return compile_program(convert(model), path, opt)
+    with artifact.Staging(Path(opt.out), opt.force) as stage:
+        model, path = load_calibrated(opt)
+        return _compile_into(stage, convert(model), path, opt)
 
 
 def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptions) -> Path:
     """Integer program -> scheduled library -> artifact (tokenizer taken from `checkpoint_dir`)."""
+    _preflight(opt)
+    with artifact.Staging(Path(opt.out), opt.force) as stage:
+        return _compile_into(stage, program, checkpoint_dir, opt)
+
+
+def _compile_into(stage: artifact.Staging, program: IntProgram, checkpoint_dir: Path, opt: CompileOptions) -> Path:
     from .build import compile_graph
     from .graph import INPUTS, build_graphs, function_name
 
@@ -114,8 +123,27 @@ def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptio
     graph = build_graphs(program, opt.batch, seq_lens, preset.a_shift, choices)
     executable = compile_graph(graph, preset, records=opt.records or tuning.RECORDS)
     cross = targets.cross_compiler(preset)
+    manifest = Manifest(
+        model_class=program.model_class,
+        source=str(opt.model),
+        target=Target(preset=preset.name, tvm=dict(preset.target), arch=preset.arch,
+                      cpu_flags=list(preset.cpu_flags), device=preset.device, built_on=platform.machine()),
+        batch=opt.batch,
+        seq_len=opt.seq_len,
+        buckets={str(n): function_name(n) for n in seq_lens},  # compiled length -> function
+        vocab_size=program.vocab,
+        type_vocab_size=program.type_vocab,
+        pad_id=program.pad_id,
+        choices=choices if program.multiple_choice else None,
+        inputs=[Tensor(n, program.input_shape(opt.batch, opt.seq_len, choices), "int32") for n in INPUTS],
+        outputs=[Output(**o) for o in program.output_specs(opt.batch, opt.seq_len, choices)],
+        label_names=list(program.label_names),
+        tokenizer=TokenizerInfo(artifact.TOKENIZER if tok_file.exists() else None, opt.seq_len, program.pad_id),
+        params=[name for name, _ in graph.params],
+        packages=versions(),
+    )
 
-    def fill(tmp: Path) -> dict[str, Any]:
+    def fill(tmp: Path) -> Manifest:
         from safetensors.numpy import save_file
         from tvm.support import cc
 
@@ -125,37 +153,13 @@ def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptio
             from .cuda import check_device_binary
 
             check_device_binary(tmp / artifact.LIBRARY, preset.target["arch"])
-        save_file({name: np.ascontiguousarray(a) for name, a in graph.params}, str(tmp / artifact.PARAMS))
+        save_file({name: np.ascontiguousarray(a) for name, a in graph.params}, str(tmp / artifact.PARAMS),
+                  metadata=artifact.seal_params(manifest))
         if tok_file.exists():
             shutil.copyfile(tok_file, tmp / artifact.TOKENIZER)
-        return {
-            "model_class": program.model_class,
-            "source": str(opt.model),
-            "target": {
-                "preset": preset.name,
-                "tvm": dict(preset.target),
-                "arch": preset.arch,
-                "cpu_flags": list(preset.cpu_flags),
-                "device": preset.device,
-                "built_on": platform.machine(),
-            },
-            "batch": opt.batch,
-            "seq_len": opt.seq_len,
-            "buckets": {str(n): function_name(n) for n in seq_lens},  # compiled length -> function
-            "vocab_size": program.vocab,
-            "pad_id": program.pad_id,
-            "choices": choices if program.multiple_choice else None,
-            "inputs": [{"name": n, "shape": program.input_shape(opt.batch, opt.seq_len, choices), "dtype": "int32"}
-                       for n in INPUTS],
-            "outputs": program.output_specs(opt.batch, opt.seq_len, choices),
-            "label_names": program.label_names,
-            "tokenizer": {"file": artifact.TOKENIZER if tok_file.exists() else None, "max_length": opt.seq_len,
-                          "pad_id": program.pad_id},
-            "params": [name for name, _ in graph.params],
-            "packages": versions(),
-        }
+        return manifest
 
-    return artifact.write(Path(opt.out), fill, force=opt.force)
+    return artifact.write(stage, fill, opt.sign_key)
 
 
 def tune_model(opt: CompileOptions, trials: int | None = None, tracker: str | None = None,

@@ -77,8 +77,8 @@ class Systems:
         if not (art / "manifest.json").exists():
             compile_program(convert(self.hf), path, copt)
         self.runner = Runner(art)
-        if self.runner.manifest["model_class"] != model_class:
-            raise ValueError(f"artifact {art} holds {self.runner.manifest['model_class']}, not {model_class}")
+        if self.runner.manifest.model_class != model_class:
+            raise ValueError(f"artifact {art} holds {self.runner.manifest.model_class}, not {model_class}")
         self.fp32 = checkpoint.load(path, model_class, quant_mode=False)
         self.artifact = art
         self.keys = [k for k in SYSTEMS if k != "hf" or opt.hf]
@@ -105,7 +105,8 @@ class Systems:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         parts: dict[str, list[np.ndarray]] = {k: [] for k in self.keys}
         for start in tqdm(range(0, len(order), chunk), desc=desc, disable=not progress):
-            ids, mask = self.runner.encode([texts[i] for i in order[start : start + chunk]], truncate=True)
+            enc = self.runner.encode([texts[i] for i in order[start : start + chunk]], truncate=True)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
             feed = {"input_ids": torch.tensor(ids, dtype=torch.long),
                     "attention_mask": torch.tensor(mask, dtype=torch.long)}
             name = "last_hidden_state" if pooled else "logits"
@@ -158,7 +159,7 @@ def evaluate(opt: EvalOptions) -> dict[str, Any]:
     result: dict[str, Any] = {"model": str(opt.model), "seq_len": opt.seq_len}
     with Systems(opt, "IBertModel" if opt.embeddings else CLASSIFIER) as systems:
         result["artifact"] = str(systems.artifact) if opt.artifact else None
-        result["target"] = systems.runner.manifest["target"]["preset"]
+        result["target"] = systems.runner.manifest.target.preset
         if opt.embeddings:
             from .compile import default_calibration_texts
 

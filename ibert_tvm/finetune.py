@@ -38,7 +38,7 @@ from .data import Labelled, sentiment_split
 
 SENTIMENT = "sentiment"  # --train value: the train half of data.sentiment_split()
 CLASSIFIER = "IBertForSequenceClassification"
-RECORD = "finetune"  # the manifest key holding the run's inputs and losses
+RECORD = "finetune.json"  # the run's inputs and losses, and the sha256 of every file it wrote
 CALIBRATION = ("calib_sentences", "estimator", "percentile")  # options that FP32 training does not depend on
 GROUP = 64  # length-sorted windows of this many batches: batches of similar lengths pad little
 
@@ -131,14 +131,13 @@ def _fingerprint(model_dir: Path, rows: Labelled, names: list[str], opt: Finetun
 def _record(out: Path) -> dict[str, Any] | None:
     """The fine-tuning record of `out` if it is an intact result of this module, else None."""
     try:
-        manifest = json.loads((out / artifact.MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        saved = json.loads((out / RECORD).read_text())
+        record, files = saved["record"], saved["files"]
+    except (OSError, ValueError, TypeError, KeyError):
         return None
-    files = manifest.get("files", {})
-    if RECORD not in manifest or not files or any(
-            not (out / n).is_file() or artifact.sha256(out / n) != d for n, d in files.items()):
+    if not files or any(not (out / n).is_file() or artifact.sha256(out / n) != d for n, d in files.items()):
         return None
-    return manifest[RECORD]
+    return record
 
 
 def batches(texts: list[str], labels: list[int], tokenizer_file: Path, opt: FinetuneOptions, pad_id: int,
@@ -230,7 +229,14 @@ def finetune(opt: FinetuneOptions) -> Path:
     if record is not None and record.get("key") == key:
         return out
     # our own earlier result with other inputs is a stale cache entry; anything else needs --force
-    artifact.check_writable(out, opt.force or record is not None)
+    with artifact.Staging(out, opt.force or record is not None) as stage:
+        return _train_into(stage, src, rows, names, key, train_key, record, opt)
+
+
+def _train_into(stage: artifact.Staging, src: Path, rows: list, names: list[str], key: str, train_key: str,
+                record: dict[str, Any] | None, opt: FinetuneOptions) -> Path:
+    tok_file = src / artifact.TOKENIZER
+    out = opt.out
 
     def calibrated(m: torch.nn.Module) -> torch.nn.Module:
         return calibrate_texts(m, calibration_texts(rows, opt.calib_sentences, opt.seed), tok_file, opt.seq_len,
@@ -255,17 +261,17 @@ def finetune(opt: FinetuneOptions) -> Path:
     # 98.60% as QAT left the ranges, 98.65% after this)
     model = calibrated(model)
 
-    def fill(tmp: Path) -> dict[str, Any]:
-        model.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
-        return {RECORD: {"key": key, "train_key": train_key, "source": str(opt.model), "train": opt.train,
+    model.save_pretrained(stage.dir)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, stage.dir / name)
+    files = {p.name: artifact.sha256(p) for p in sorted(stage.dir.iterdir()) if p.is_file()}
+    saved = {"record": {"key": key, "train_key": train_key, "source": str(opt.model), "train": opt.train,
                          "rows": len(rows), "labels": names,
                          "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opt).items()},
-                         "losses": [round(v, 5) for v in losses]}}
-
-    return artifact.write(out, fill, force=True)
+                         "losses": [round(v, 5) for v in losses]}, "files": files}
+    (stage.dir / RECORD).write_text(json.dumps(saved, indent=2))
+    return stage.publish()
 
 
 def sentiment_classifier(model: str, work: Path, qat: bool = False, *, qat_steps: int | None = None,

@@ -280,10 +280,14 @@ def convert(model: nn.Module, per_channel: bool = True) -> IntProgram:
     `per_channel`: LayerNorm and GELU outputs get a scale per channel where our calibration recorded
     their ranges (HF's simulation has one per tensor)."""
     from .calibrate import head_ranges
+    from .checkpoint import check_finite
 
     kind = type(model).__name__
     if kind not in OUTPUTS or not isinstance(model, hf.IBertPreTrainedModel):
         raise TypeError(f"cannot compile {kind}: supported are {', '.join(OUTPUTS)}")
+    # checkpoint.load checked the weights; calibration since (or a model never saved) may have set
+    # non-finite ranges, which would quantize into finite, wrong integers
+    check_finite(model)
     base = model if kind == "IBertModel" else model.ibert
     cfg = model.config
     scale_of = scales_of(model, per_channel)

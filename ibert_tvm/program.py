@@ -236,6 +236,11 @@ class IntProgram:
         return OUTPUTS[self.model_class]
 
     @property
+    def type_vocab(self) -> int:
+        """Token types the embedding table holds: valid token_type_ids are [0, type_vocab)."""
+        return int(self.embeddings.token_type.shape[0])
+
+    @property
     def multiple_choice(self) -> bool:
         return self.model_class == "IBertForMultipleChoice"
 

@@ -2,13 +2,21 @@
 
 Integers come out of the library; `run` multiplies them by the scales in the manifest, the one
 float step of the pipeline.
+
+An artifact is native code: constructing a `Runner` loads `model.so`, which runs that code. Load
+only artifacts you trust. Hashes detect corrupt or edited files; a signature (`verify_key`)
+detects an artifact that did not come from your key; neither makes an untrusted artifact safe.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
+import tempfile
+import threading
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,53 +48,82 @@ def use_threads(threads: int | None = None) -> int:
     return got
 
 
+CHUNK = 64  # texts tokenized and run at a time by the text helpers: memory follows the chunk, not the input
+
+
 class Runner:
+    """A compiled artifact, ready to run.
+
+    Thread safety: one Runner may be shared by any number of threads. Input checks, padding and
+    output conversion run concurrently; the library's calls are serialized by a lock (they use
+    every core already, and the VM keeps per-call state), so results equal sequential calls.
+    `close()` waits for a running call; calls after it raise RuntimeError.
+    """
+
     def __init__(self, path: str | Path, threads: int | None = None, rpc: str | None = None,
-                 rpc_timeout: float = 10.0):
+                 rpc_timeout: float = 10.0, verify_key: Any = None):
         """`threads`: worker threads for the library (default: every CPU this process may use).
         `rpc`: HOST:PORT of a `python -m tvm.exec.rpc_server` (a board) that runs the library;
-        the artifact stays here, its library is uploaded, inputs and outputs travel."""
+        the artifact stays here, its library is uploaded, inputs and outputs travel.
+        `verify_key`: an Ed25519 public key (PEM path, PEM bytes or key object); the artifact must
+        carry a signature by it (`compile --sign-key`). Every file is checked against the
+        manifest's hashes and only the verified bytes are used."""
         import tvm
         from tvm.runtime.vm import VirtualMachine  # not tvm.relax: boards may have the runtime only
 
         self.path = Path(path)
-        self.manifest = m = artifact.read(self.path)
+        self.manifest = m = artifact.read(self.path, verify_key, check_files=False)
         self._session = None
+        self._lock = threading.Lock()
+        if rpc:
+            from .remote import check_timeout
+
+            check_timeout(rpc_timeout)
+        else:
+            check_runnable(m.target.arch, m.target.cpu_flags)
+        library = artifact.read_member(self.path, m, artifact.LIBRARY)
+        tokenizer = None if m.tokenizer.file is None else _tokenizer(artifact.read_member(self.path, m, m.tokenizer.file))
+        if rpc:
+            self.threads = None  # the board's runtime decides (TVM_NUM_THREADS there)
+            self._dev = None
+        else:
+            self.threads = use_threads(threads)
+            if m.target.device == "cuda":
+                from .cuda import gpu_for
+
+                self._dev = gpu_for(m.target.tvm["arch"])
+            else:
+                self._dev = tvm.cpu()
+        self._tensor = tvm.runtime.tensor
+        # parameters before the library: nothing of the artifact runs until every byte is verified
+        params = artifact.load_params(self.path, m, lambda a: a if rpc else self._tensor(a, self._dev))
         if rpc:
             from .remote import connect
 
-            self.threads = None  # the board's runtime decides (TVM_NUM_THREADS there)
             self._session = session = connect(rpc, rpc_timeout)
-            session.upload(str(self.path / artifact.LIBRARY))
+            session.upload(bytearray(library), artifact.LIBRARY)
             lib = session.load_module(artifact.LIBRARY)
             self._dev = session.cpu()
+            params = [self._tensor(a, self._dev) for a in params]
         else:
-            self.threads = use_threads(threads)
-            check_runnable(m["target"]["arch"], m["target"]["cpu_flags"])
-            if m["target"].get("device") == "cuda":
-                from .cuda import gpu_for
-
-                self._dev = gpu_for(m["target"]["tvm"]["arch"])
-            else:
-                self._dev = tvm.cpu()
-            lib = tvm.runtime.load_module(str(self.path / artifact.LIBRARY))
-        self.batch, self.seq_len = m["batch"], m["seq_len"]
-        self.buckets: dict[int, str] = {int(n): f for n, f in sorted(m["buckets"].items(), key=lambda b: int(b[0]))}
-        self.vocab, self.pad_id = m["vocab_size"], m["pad_id"]
-        self.model_class: str = m["model_class"]
-        self.choices: int | None = m.get("choices")  # multiple choice: inputs are [n, choices, seq]
-        self.outputs: list[dict[str, Any]] = m["outputs"]
-        self.scales = {o["name"]: np.asarray(o["scale"]) for o in self.outputs}
+            lib = _load_library(library, m.files[artifact.LIBRARY])
+        self.batch, self.seq_len = m.batch, m.seq_len
+        self.buckets: dict[int, str] = {int(n): f for n, f in sorted(m.buckets.items(), key=lambda b: int(b[0]))}
+        self.vocab, self.type_vocab, self.pad_id = m.vocab_size, m.type_vocab_size, m.pad_id
+        self.model_class: str = m.model_class
+        self.choices: int | None = m.choices  # multiple choice: inputs are [n, choices, seq]
+        self.outputs = m.outputs
+        self.scales = {o.name: np.asarray(o.scale) for o in self.outputs}
         self._vm = VirtualMachine(lib, self._dev)
-        self._params = artifact.load_params(self.path / artifact.PARAMS, m["params"],
-                                            lambda a: tvm.runtime.tensor(a, self._dev))
-        self._tensor = tvm.runtime.tensor
-        self._tokenizer = None
+        self._params = params
+        self._tokenizer = tokenizer
 
     def close(self) -> None:
         """Release the library; over RPC this ends the session (a board serves one at a time)."""
-        self._vm = self._params = self._session = self._dev = None
+        with self._lock:
+            self._vm = self._params = self._session = self._dev = None
         gc.collect()  # the remote device and handles keep the session; some sit in reference cycles
+        _trim_heap()
 
     def __enter__(self) -> "Runner":
         return self
@@ -98,26 +135,16 @@ class Runner:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from tokenizers import Tokenizer
-
-            f = self.path / artifact.TOKENIZER
-            if not f.exists():
-                raise FileNotFoundError(f"{self.path} has no tokenizer; pass token ids to run()")
-            tok = Tokenizer.from_file(str(f))
-            tok.no_padding()
-            tok.no_truncation()
-            self._tokenizer = tok
+            raise FileNotFoundError(f"{self.path} has no tokenizer; pass token ids to run()")
         return self._tokenizer
 
     def bucket(self, tokens: int) -> int:
         """The shortest compiled length that holds `tokens`."""
         return next(n for n in self.buckets if n >= tokens)
 
-    def tokenize(self, texts: list[str | tuple[str, str]] | str, truncate: bool = False) -> list[Any]:
-        """`tokenizers` encodings of texts (or text pairs); over-long text raises unless `truncate`."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise ValueError("no text given")
+    def tokenize(self, texts: Sequence[str | tuple[str, str]] | str, truncate: bool = False) -> list[Any]:
+        """`tokenizers` encodings of texts or (text, text) pairs; over-long text raises unless `truncate`."""
+        texts = check_texts(texts)
         encodings = self.tokenizer.encode_batch(texts)
         long = [i for i, e in enumerate(encodings) if len(e.ids) > self.seq_len]
         if long and not truncate:
@@ -142,14 +169,28 @@ class Runner:
             ids[i, : len(e.ids)], mask[i, : len(e.ids)], types[i, : len(e.ids)] = e.ids, 1, e.type_ids
         return ids, mask, types
 
-    def encode(self, texts: list[str] | str, truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and attention mask of single texts (see `tokenize`, `pack`)."""
-        ids, mask, _ = self.pack(self.tokenize(texts, truncate))
-        return ids, mask
+    def encode(self, texts: Sequence[str | tuple[str, str]] | str, truncate: bool = False) -> dict[str, np.ndarray]:
+        """`input_ids`, `attention_mask` and `token_type_ids` of texts or text pairs, ready for
+        `run(**encoded)` (see `tokenize`, `pack`)."""
+        ids, mask, types = self.pack(self.tokenize(texts, truncate))
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+    def chunks(self, texts: Sequence[str | tuple[str, str]] | str, truncate: bool = False,
+               size: int = CHUNK) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """(encoded, outputs) of `size` texts at a time: peak memory follows `size`, not len(texts)."""
+        texts = check_texts(texts)
+        for start in range(0, len(texts), size):
+            encoded = self.encode(texts[start : start + size], truncate)
+            yield encoded, self.run(**encoded)
 
     # -- integers ---------------------------------------------------------------------------
-    def _check(self, name: str, a: Any, like: np.ndarray | None = None) -> np.ndarray:
-        a = np.asarray(a)
+    def _check(self, name: str, a: Any, like: np.ndarray | None = None, bools: bool = False) -> np.ndarray:
+        try:
+            a = np.asarray(a)
+        except ValueError as err:  # ragged nested lists
+            raise ValueError(f"{name} must be a rectangular array of integers: {err}") from None
+        if a.dtype.kind == "b" and not bools:
+            raise TypeError(f"{name} must hold integers, got booleans")
         if a.dtype.kind not in "iub":
             raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
         want = "[batch, choices, seq]" if self.choices else "[batch, seq]"
@@ -157,22 +198,33 @@ class Runner:
             a = a[None]
         if a.ndim != len(want.split(",")):
             raise ValueError(f"{name} must be {want} ({len(want.split(','))}-D), got shape {a.shape}")
+        if a.shape[0] == 0 or a.shape[-1] == 0:
+            raise ValueError(f"{name} is empty (shape {a.shape}): give at least one token of one sequence")
         if self.choices and a.shape[1] != self.choices:
             raise ValueError(f"{name} has {a.shape[1]} choices, the library was compiled for {self.choices}")
         if like is not None and a.shape != like.shape:
             raise ValueError(f"{name} has shape {a.shape}, input_ids has {like.shape}")
         if a.shape[-1] > self.seq_len:
             raise ValueError(f"{name} has {a.shape[-1]} tokens, the library was compiled for {self.seq_len}")
+        return a
+
+    @staticmethod
+    def _in_range(name: str, a: np.ndarray, hi: int, what: str) -> np.ndarray:
+        """`a` as int64 after checking [0, hi) on the values as given (a uint64 2**64-1 stays itself)."""
+        bad = (a < 0) | (a >= hi)
+        if bad.any():
+            shown = sorted({int(v) for v in a[bad].ravel()[:1000].tolist()})[:5]
+            raise ValueError(f"{name} outside {what} [0, {hi}): {shown}")
         return a.astype(np.int64)
 
     def run_integer(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> dict[str, Any]:
         """Raw integer outputs (names as transformers), plus `scales`: name -> per-channel scales."""
-        ids = self._check("input_ids", input_ids)
-        mask = np.ones_like(ids) if attention_mask is None else self._check("attention_mask", attention_mask, ids)
-        types = np.zeros_like(ids) if token_type_ids is None else self._check("token_type_ids", token_type_ids, ids)
-        bad = (ids < 0) | (ids >= self.vocab)
-        if bad.any():
-            raise ValueError(f"token ids outside the vocabulary [0, {self.vocab}): {sorted(set(ids[bad].tolist()))[:5]}")
+        raw = self._check("input_ids", input_ids)
+        ids = self._in_range("input_ids", raw, self.vocab, "the vocabulary")
+        mask = np.ones_like(ids) if attention_mask is None else self._check("attention_mask", attention_mask, raw, True)
+        types = np.zeros_like(ids) if token_type_ids is None else self._in_range(
+            "token_type_ids", self._check("token_type_ids", token_type_ids, raw), self.type_vocab,
+            "the model's token types")
         if not np.isin(mask, (0, 1)).all():
             raise ValueError("attention_mask must be 0 or 1")
         n, s = ids.shape[0], ids.shape[-1]
@@ -181,19 +233,22 @@ class Runner:
         main = self.buckets[width]
         pads = [(0, rows - n)] + [(0, 0)] * (ids.ndim - 2) + [(0, width - s)]
         full = lambda a, fill: np.pad(a, pads, constant_values=fill).astype(np.int32)  # noqa: E731
-        ids_p, mask_p, types_p = full(ids, self.pad_id), full(mask, 0), full(types, 0)
+        ids_p, mask_p, types_p = full(ids, self.pad_id), full(mask.astype(np.int64), 0), full(types, 0)
         chunks: list[list[np.ndarray]] = []
-        for r in range(0, rows, self.batch):
-            args = [self._tensor(a[r : r + self.batch], self._dev) for a in (ids_p, mask_p, types_p)]
-            # the stateful calls, because over RPC a returned tuple is a remote handle
-            self._vm.set_input(main, *args, *self._params)
-            self._vm.invoke_stateful(main)
-            chunks.append([o.numpy() for o in self._vm.get_outputs(main)])
+        with self._lock:  # the VM's inputs and outputs are per-VM state
+            if self._vm is None:
+                raise RuntimeError(f"this Runner of {self.path} is closed")
+            for r in range(0, rows, self.batch):
+                args = [self._tensor(a[r : r + self.batch], self._dev) for a in (ids_p, mask_p, types_p)]
+                # the stateful calls, because over RPC a returned tuple is a remote handle
+                self._vm.set_input(main, *args, *self._params)
+                self._vm.invoke_stateful(main)
+                chunks.append([o.numpy() for o in self._vm.get_outputs(main)])
         out: dict[str, Any] = {}
         for i, spec in enumerate(self.outputs):
             val = np.concatenate([c[i] for c in chunks])[:n]
-            axis = spec["seq_axis"]
-            out[spec["name"]] = val if axis is None else np.take(val, np.arange(s), axis=axis)
+            axis = spec.seq_axis
+            out[spec.name] = val if axis is None else np.take(val, np.arange(s), axis=axis)
         out["scales"] = self.scales
         return out
 
@@ -203,10 +258,68 @@ class Runner:
         scales = ints.pop("scales")
         return {k: v.astype(np.float32) * scales[k].astype(np.float32) for k, v in ints.items()}
 
-    def embed(self, texts: list[str] | str, truncate: bool = False) -> np.ndarray:
+    def embed(self, texts: Sequence[str | tuple[str, str]] | str, truncate: bool = False) -> np.ndarray:
         """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' pooling)."""
-        ids, mask = self.encode(texts, truncate)
-        return mean_pool(self.run(ids, mask)["last_hidden_state"], mask)
+        return np.concatenate([mean_pool(out["last_hidden_state"], enc["attention_mask"])
+                               for enc, out in self.chunks(texts, truncate)])
+
+
+def check_texts(texts: Any) -> list[str | tuple[str, str]]:
+    """A non-empty list of texts or (text, text) pairs; a bad item is named by its index."""
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, tuple) and len(texts) == 2 and all(isinstance(t, str) for t in texts):
+        raise TypeError("a tuple of two strings is ambiguous: pass [text, text] for two texts or "
+                        "[(text, text)] for one pair")
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}") from None
+    if not texts:
+        raise ValueError("no text given")
+    for i, t in enumerate(texts):
+        pair = isinstance(t, (tuple, list)) and len(t) == 2 and all(isinstance(x, str) for x in t)
+        if not (isinstance(t, str) or pair):
+            raise TypeError(f"text {i} is {type(t).__name__} {str(t)[:40]!r}, not a string or a (text, text) pair")
+        if pair:
+            texts[i] = tuple(t)
+    return texts
+
+
+def _tokenizer(data: bytes) -> Any:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(data.decode())
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+_LIBRARIES: dict[str, Any] = {}  # sha256 -> loaded module: the dynamic loader never unloads a TVM library
+_LIBRARIES_LOCK = threading.Lock()
+
+
+def _load_library(data: bytes, digest: str) -> Any:
+    """Load a verified library from a private copy: the file in the artifact may change after it
+    was hashed, the copy (in a fresh folder only this user can enter) may not. Loaded once per
+    content: each fresh copy would stay mapped for the life of the process."""
+    import tvm
+
+    with _LIBRARIES_LOCK:
+        if digest not in _LIBRARIES:
+            with tempfile.TemporaryDirectory(prefix="ibert-tvm-lib-") as tmp:
+                path = Path(tmp) / artifact.LIBRARY
+                path.write_bytes(data)
+                _LIBRARIES[digest] = tvm.runtime.load_module(str(path))  # mapped: the copy may go
+        return _LIBRARIES[digest]
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS: glibc keeps them, and each closed Runner left ~10 MiB."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -41,17 +41,19 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def _labels(r: Runner) -> list[str]:
-    return list(r.manifest["label_names"])
+    return list(r.manifest.label_names)
 
 
 def classify(r: Runner, texts: list[str] | str, truncate: bool = False) -> list[dict[str, Any]]:
     """Per text: the most likely label, its probability, and every label's probability."""
     _need(r, "classify")
-    ids, mask, types = r.pack(r.tokenize(texts, truncate))
-    logits = r.run(ids, mask, types)["logits"].astype(np.float64)
-    labels = _labels(r)
-    return [{"label": labels[int(p.argmax())], "score": float(p.max()), "probabilities": dict(zip(labels, map(float, p))),
-             "logits": [float(v) for v in row]} for p, row in zip(softmax(logits), logits)]
+    labels, out = _labels(r), []
+    for _, result in r.chunks(texts, truncate):
+        logits = result["logits"].astype(np.float64)
+        out += [{"label": labels[int(p.argmax())], "score": float(p.max()),
+                 "probabilities": dict(zip(labels, map(float, p))), "logits": [float(v) for v in row]}
+                for p, row in zip(softmax(logits), logits)]
+    return out
 
 
 def fill_mask(r: Runner, text: str, top_k: int = 5) -> list[list[dict[str, Any]]]:

@@ -38,7 +38,8 @@ def main() -> None:
     model, path = load_calibrated(opt)
     program = convert(model)
     runner = Runner(compile_program(program, path, opt))
-    ids, mask = runner.encode(held_out, truncate=True)
+    enc = runner.encode(held_out, truncate=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
 
     tvm_int = runner.run_integer(ids, mask)["last_hidden_state"]
     ref_int = reference.run(program, ids, mask)["last_hidden_state"]

@@ -27,7 +27,7 @@ def test_manifest_lists_buckets_and_shares_parameters(bucketed):
     a, r = bucketed
     assert r.buckets == {4: "main_s4", 8: "main_s8", 16: "main_s16"}
     single = json.loads((a.path / "manifest.json").read_text())
-    assert r.manifest["params"] == single["params"]  # weights stored once, not per bucket
+    assert r.manifest.params == single["params"]  # weights stored once, not per bucket
 
 
 @pytest.mark.parametrize("width, bucket", [(3, 4), (4, 4), (7, 8), (9, 16), (16, 16)])
@@ -49,9 +49,9 @@ def test_each_input_runs_at_the_shortest_bucket_bit_exact(bucketed, width, bucke
 
 def test_encode_pads_to_the_bucket_of_the_longest_text(bucketed):
     _, r = bucketed
-    ids, mask = r.encode(["good", "a b c d e f"])  # the tests' tokenizer: one token a word
+    ids, mask, _ = r.encode(["good", "a b c d e f"]).values()  # the tests' tokenizer: one token a word
     assert ids.shape == (2, 8) and mask.sum(1).tolist() == [1, 6]
-    assert r.encode(["good"])[0].shape == (1, 4)
+    assert r.encode(["good"])["input_ids"].shape == (1, 4)
 
 
 def test_buckets_outside_the_compiled_length_are_refused(artifact, tmp_path, capsys):

@@ -37,7 +37,7 @@ def test_default_model_bit_exact(default_artifact, sentences):
     path, program = default_artifact
     assert len(sentences) == 8 and (program.hidden, len(program.layers)) == (384, 6)
     r = Runner(path)
-    ids, mask = r.encode(sentences)
+    ids, mask, _ = r.encode(sentences).values()
     got, want = r.run_integer(ids, mask), reference.run(program, ids, mask)
     for name in program.outputs:
         differing = int((got[name] != want[name]).sum())

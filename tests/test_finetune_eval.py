@@ -176,7 +176,7 @@ def test_sample_spreads_evenly():
 # -- fine-tuning ------------------------------------------------------------------------------
 
 def test_fp32_finetune_fits_the_toy_set(fp32):
-    record = json.loads((fp32 / "manifest.json").read_text())[ft.RECORD]
+    record = json.loads((fp32 / ft.RECORD).read_text())["record"]
     losses = record["losses"]
     assert len(losses) == 8 * 6 and np.mean(losses[-6:]) < 0.5 * np.mean(losses[:6])
     model = checkpoint.load(fp32, quant_mode=False)
@@ -201,9 +201,9 @@ def test_cache_recalibration_and_retraining(encoder, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ft, "train", spy)
         out = ft.finetune(opt)
-        stamp = (out / "manifest.json").stat().st_mtime_ns
+        stamp = (out / ft.RECORD).stat().st_mtime_ns
         assert ft.finetune(opt) == out and calls == [1]  # same inputs: no training, nothing written
-        assert (out / "manifest.json").stat().st_mtime_ns == stamp
+        assert (out / ft.RECORD).stat().st_mtime_ns == stamp
         weights = dict(checkpoint.load(out).named_parameters())
         ranges = _ranges(checkpoint.load(out))
         ft.finetune(ft.FinetuneOptions(**{**opt.__dict__, "estimator": "ema"}))  # recalibrated, not retrained
@@ -310,7 +310,7 @@ def test_eval_table_from_real_runs(qat, qat_artifact, tmp_path, capsys):
     # the library's row, recomputed here from the library and FP32 on the same sentences
     _, rows = data.sentiment_split()
     with Runner(qat_artifact) as r:
-        ids, mask = r.encode([t for t, _ in rows], truncate=True)
+        ids, mask, _ = r.encode([t for t, _ in rows], truncate=True).values()
         ours = r.run(ids, mask)["logits"].argmax(1)
     fp = _predict(checkpoint.load(out, quant_mode=False), out, rows)
     labels = np.array([y for _, y in rows])

@@ -37,21 +37,21 @@ def class_artifacts(tmp_path_factory, artifacts):
 def test_runner_outputs_equal_reference(class_artifacts, kind):
     r, program = class_artifacts[kind]
     rows = 3 * (CHOICES if kind == "IBertForMultipleChoice" else 1)  # 3 rows: more than one compiled batch
-    ids, mask = r.encode([CALIB_TEXTS[i % len(CALIB_TEXTS)] for i in range(rows)])
+    ids, mask, _ = r.encode([CALIB_TEXTS[i % len(CALIB_TEXTS)] for i in range(rows)]).values()
     if kind == "IBertForMultipleChoice":
         ids, mask = ids.reshape(3, CHOICES, -1), mask.reshape(3, CHOICES, -1)
     got = r.run_integer(ids, mask)
     want = reference.run(program, ids, mask)
-    assert [o["name"] for o in r.outputs] == program.outputs
+    assert [o.name for o in r.outputs] == program.outputs
     for name in program.outputs:
         assert got[name].shape == want[name].shape and int((got[name] != want[name]).sum()) == 0, name
-    assert r.manifest["choices"] == (CHOICES if kind == "IBertForMultipleChoice" else None)
+    assert r.manifest.choices == (CHOICES if kind == "IBertForMultipleChoice" else None)
 
 
 def test_classify(class_artifacts):
     r, program = class_artifacts["IBertForSequenceClassification"]
     out = tasks.classify(r, CALIB_TEXTS[:3])
-    ids, mask = r.encode(CALIB_TEXTS[:3])
+    ids, mask, _ = r.encode(CALIB_TEXTS[:3]).values()
     logits = reference.run(program, ids, mask)["logits"] * program.logit_scale
     for res, row in zip(out, logits):
         assert res["label"] == program.label_names[int(np.argmax(row))]
@@ -61,7 +61,7 @@ def test_classify(class_artifacts):
 def test_fill_mask(class_artifacts):
     r, program = class_artifacts["IBertForMaskedLM"]
     (top,) = tasks.fill_mask(r, "the film was [MASK] and the music was great", top_k=4)
-    ids, mask = r.encode("the film was [MASK] and the music was great")
+    ids, mask, _ = r.encode("the film was [MASK] and the music was great").values()
     row = reference.run(program, ids, mask)["logits"][0, 3] * program.logit_scale
     assert [t["id"] for t in top] == list(np.argsort(-row, kind="stable")[:4])
     assert [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
@@ -111,7 +111,7 @@ def test_tag_labels_each_word_by_its_first_token(class_artifacts):
     text = "The film was good but the plot was dull"
     got = tasks.tag(r, text)
     assert [w["word"] for w in got] == text.split()
-    ids, mask = r.encode(text)
+    ids, mask, _ = r.encode(text).values()
     logits = reference.run(program, ids, mask)["logits"][0] * program.logit_scale
     assert [w["label"] for w in got] == [program.label_names[int(np.argmax(logits[t]))] for t in range(len(got))]
 
