@@ -20,6 +20,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import stat
@@ -144,18 +145,15 @@ def load_params(folder: Path, manifest: Manifest, place: Callable[[np.ndarray], 
             header = json.loads(take(size))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ArtifactError(f"{where} has a corrupt header: {err}") from err
-        meta = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None) or {} if isinstance(header, dict) else {}
         wanted = set(manifest.params)
         placed: dict[str, T] = {}
         pos = 0
-        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            start, end = entry["data_offsets"]
-            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-            if dtype is None or start < pos or (end - start) != int(np.prod(entry["shape"])) * np.dtype(dtype).itemsize \
-                    or end > total - 8 - size:
-                raise ArtifactError(f"{where}: tensor {name!r} is corrupt")
+        for name, start, end, dtype, shape in _tensor_entries(header, total - 8 - size, where):
+            if start < pos:
+                raise ArtifactError(f"{where}: tensor {name!r} overlaps another")
             take(start - pos)
-            arr = np.empty(entry["shape"], dtype)
+            arr = np.empty(shape, dtype)
             if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
                 raise ArtifactError(f"{where}: tensor {name!r} is truncated")
             h.update(memoryview(arr).cast("B"))
@@ -171,6 +169,23 @@ def load_params(folder: Path, manifest: Manifest, place: Callable[[np.ndarray], 
     if missing:
         raise ArtifactError(f"{where}: no integer tensor {missing[0]!r} (parameters and manifest disagree)")
     return [placed[n] for n in manifest.params]
+
+
+def _tensor_entries(header: Any, data_size: int, where: str) -> list[tuple[str, int, int, Any, list[int]]]:
+    """(name, start, end, dtype, shape) of each tensor in file order, each entry checked before
+    anything is allocated for it (the header is not verified until the whole file is hashed)."""
+    entries = []
+    for name, e in header.items() if isinstance(header, dict) else []:
+        try:
+            (start, end), dtype, shape = e["data_offsets"], SAFETENSORS_DTYPES[e["dtype"]], [int(d) for d in e["shape"]]
+            ok = 0 <= start <= end <= data_size and min(shape, default=0) >= 0 and \
+                end - start == math.prod(shape) * np.dtype(dtype).itemsize
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ArtifactError(f"{where}: tensor {name!r} is corrupt (or not an integer tensor)")
+        entries.append((name, start, end, dtype, shape))
+    return sorted(entries, key=lambda e: e[1])
 
 
 def check_seal(folder: Path, manifest: Manifest, sealed: str | None) -> None:

@@ -10,13 +10,14 @@ import contextlib
 import copy
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from .files import atomic_file
 
 
 class _PairLinear(nn.Module):
@@ -87,14 +88,8 @@ def _evaluating(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _cached(path: Path, make: Callable[[Path], object]) -> Path:
-    """`path`, made by `make(tmp)` on first use and renamed into place: atomic, so a concurrent or
-    interrupted run never leaves half a file."""
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}{path.suffix}")
-        make(tmp)
-        os.replace(tmp, path)
-    return path
+    """`path`, made by `make(tmp)` on first use (atomically: see `files.atomic_file`)."""
+    return path if path.is_file() else atomic_file(path, make)
 
 
 def _stem(model: nn.Module, batch: int, seq: int, workdir: Path) -> Path:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import cache_dir
+
 WARMUP = 3
 OURS, BASE, FLOOR = "ibert-tvm INT8", "PyTorch FP32", "INT8 GEMM floor"
 SYSTEMS = {
@@ -38,7 +40,7 @@ SYSTEMS = {
 }
 ROBERTA_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                     vocab_size=50265, max_position_embeddings=514, pad_token_id=1)
-CACHE = Path(os.environ.get("IBERT_TVM_CACHE", Path.home() / ".cache" / "ibert-tvm"))
+CACHE = cache_dir()
 
 
 def model_dir(name: str) -> Path:

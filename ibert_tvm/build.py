@@ -15,18 +15,7 @@ from .graph import Graph
 
 def schedule_module(mod: tvm.IRModule, preset: targets.Preset, records: Path = tuning.RECORDS) -> tvm.IRModule:
     """Replace every integer kernel by its hand-scheduled version, with tuned tiles if recorded."""
-    if preset.device == "cuda":
-        from schedules import cuda
-
-        sched = lambda func, name: cuda.schedule(func)  # noqa: E731
-    else:
-        isa, tiles_of = cpu.ISAS[preset.isa], tuning.load(preset.target["mcpu"], records)
-
-        def sched(func: tvm.tirx.PrimFunc, name: str) -> tvm.tirx.PrimFunc:
-            shape = cpu.gemm_shape(func)
-            tiles = tiles_of.get(tuning.key(name, shape)) if shape else None
-            return cpu.schedule(func, isa, tuple(tiles) if tiles else None)
-
+    sched = preset.device_kind.scheduler(preset, records)
     out = tvm.IRModule()
     for gv, func in mod.functions.items():
         if isinstance(func, tvm.tirx.PrimFunc) and "ibert.kind" in func.attrs:
@@ -44,14 +33,14 @@ def tune_graph(graph: Graph, preset: targets.Preset, trials: int | None = None, 
     from . import remote
     from .runner import use_threads
 
-    if preset.device != "cpu":
+    if not preset.device_kind.tunable:
         raise ValueError(f"tile tuning measures CPU kernels; {preset.name} is a {preset.device} target")
     target = targets.tvm_target(preset)
     if tracker:
         if not key:
             raise ValueError("tuning through an RPC tracker needs the device key (--key)")
         remote.check_tracker(tracker, key)  # fail fast, with the address, if nobody answers
-        measure = tuning.rpc_measure(target, remote.parse_address(tracker), key, targets.cross_compiler(preset))
+        measure = tuning.rpc_measure(target, remote.parse_address(tracker), key, preset.cross_compiler())
     else:
         targets.check_runnable(preset.arch, list(preset.cpu_flags))
         use_threads()
@@ -61,11 +50,5 @@ def tune_graph(graph: Graph, preset: targets.Preset, trials: int | None = None, 
 
 def compile_graph(graph: Graph, preset: targets.Preset, threads: int | None = None,
                   records: Path = tuning.RECORDS) -> relax.VMExecutable:
-    if preset.device == "cuda":
-        from .cuda import ensure_cuda_codegen
-
-        ensure_cuda_codegen()
     mod = schedule_module(graph.module, preset, records)
-    target = targets.tvm_target(preset, threads)
-    with target:
-        return tvm.compile(mod, target=target)
+    return preset.device_kind.compile(mod, targets.tvm_target(preset, threads))

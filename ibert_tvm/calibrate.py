@@ -14,39 +14,28 @@ the compiler needs to quantize them are recorded with the same estimator and kep
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 from tqdm import tqdm
-from transformers import IBertForMultipleChoice
 from transformers.models.ibert import quant_modules as qm
+
+from . import checkpoint
+from .model_classes import REGISTRY
+from .ranges import CHANNEL_ACTS, CHANNEL_RANGES, HEAD_POINTS, HEAD_RANGES
 
 Estimator = Literal["ema", "minmax", "percentile"]
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 EMA_MOMENTUM = 0.95  # HF QuantAct's default
 RUNNING_MINMAX = -1  # the act_range_momentum that makes HF's QuantAct keep a running min/max
 DEFAULT_PERCENTILE = 99.99
-
-HEAD_RANGES = "ibert_tvm_head_ranges"  # config attribute: point name -> [min, max]
-# Float head activations the compiler quantizes: name -> (module, whether the tensor is its input or
-# output). A model without the module records nothing for that point.
-HEAD_POINTS: dict[str, tuple[str, Literal["input", "output"]]] = {
-    "lm_head.gelu": ("lm_head.layer_norm", "input"),  # HF's lm_head applies gelu(dense(x)) as a function
-    "lm_head.layer_norm": ("lm_head.layer_norm", "output"),
-}
-
-CHANNEL_RANGES = "ibert_tvm_channel_ranges"  # config attribute: QuantAct name -> per-channel max |x|
-# The QuantActs after LayerNorms and GELUs, whose int8 outputs feed GEMMs. Their channels differ by
-# orders of magnitude (outlier features), so one scale per tensor rounds most channels to a few
-# levels; the importer gives each channel its own scale and folds it into the next GEMM's weights.
-CHANNEL_ACTS = ("embeddings.output_activation", "attention.output.output_activation", "pre_intermediate_act",
-                "intermediate.output_activation", "pre_output_act", "output.output_activation")
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "merges.txt", "vocab.json")
@@ -110,22 +99,10 @@ def calibrate(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]
     # Shadow QuantActs (never model submodules, so never saved) give the heads HF's own range update.
     observers = {name: qm.QuantAct(8, act_range_momentum=momentum) for name, (module, _) in HEAD_POINTS.items()
                  if module in names}
-    momenta = {m: m.act_range_momentum for m in acts}
-    dropouts = {m: m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
     samples: dict[qm.QuantAct, list[tuple[float, float]]] = {m: [] for m in [*acts, *observers.values()]}
-    hooks = [_tap(names[HEAD_POINTS[n][0]], HEAD_POINTS[n][1], o) for n, o in observers.items()]
     channel_max: dict[str, torch.Tensor] = {}
-
-    def channel_hook(name: str):
-        def hook(_m: qm.QuantAct, args: tuple) -> None:
-            x = args[0].detach().abs()
-            peak = x.reshape(-1, x.shape[-1]).amax(0)
-            channel_max[name] = torch.maximum(channel_max[name], peak) if name in channel_max else peak
-
-        return hook
-
-    hooks += [names[n].register_forward_pre_hook(channel_hook(n.removeprefix("ibert."))) for n in names
-              if any(n.endswith("." + a) or n == a for a in CHANNEL_ACTS)]
+    hooks = [_tap(names[HEAD_POINTS[n][0]], HEAD_POINTS[n][1], o) for n, o in observers.items()]
+    hooks += _channel_hooks(names, channel_max)
     if estimator == "percentile":
         # The pass itself runs as minmax: HF quantizes with the current range, and a running
         # min/max never clips what the later layers see while the percentiles are recorded.
@@ -133,34 +110,21 @@ def calibrate(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]
             samples[m].append(percentile_range(_quantized_input(m, args, kwargs), percentile))
 
         hooks += [m.register_forward_pre_hook(record, with_kwargs=True) for m in samples]
-    for m in acts:
-        m.x_min.fill_(-1e-5)
-        m.x_max.fill_(1e-5)
-        m.act_range_momentum = momentum
-    for m in dropouts:
-        m.p = 0.0
-    model.train()
     try:
-        with torch.no_grad():
+        with _calibration_mode(model, acts, momentum), torch.no_grad():
             for batch in tqdm(batches, desc="calibrating", disable=not progress):
                 model(**batch)
     finally:
         for h in hooks:
             h.remove()
-        for m, mom in momenta.items():
-            m.act_range_momentum = mom
-        for m, p in dropouts.items():
-            m.p = p
-        model.eval()
     if estimator == "percentile":
         # HF's forward never calls some QuantActs (embeddings_act2, IntLayerNorm.activation): they
         # keep the reset range, as the other estimators leave them
         for m, s in samples.items():
-            if not s:
-                continue
-            lo, hi = torch.tensor(s, dtype=torch.float64).mean(0).tolist()
-            m.x_min.fill_(lo)
-            m.x_max.fill_(hi)
+            if s:
+                lo, hi = torch.tensor(s, dtype=torch.float64).mean(0).tolist()
+                m.x_min.fill_(lo)
+                m.x_max.fill_(hi)
     setattr(model.config, CHANNEL_RANGES, {n: v.tolist() for n, v in channel_max.items()})
     if observers:
         setattr(model.config, HEAD_RANGES, {n: [o.x_min.item(), o.x_max.item()] for n, o in observers.items()})
@@ -169,15 +133,41 @@ def calibrate(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]
     return model
 
 
-def head_ranges(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
-    """The float heads' calibrated ranges (`HEAD_POINTS` names -> (min, max)); empty if none."""
-    stored = getattr(model.config, HEAD_RANGES, None) or {}
-    return {name: (float(lo), float(hi)) for name, (lo, hi) in stored.items()}
+def _channel_hooks(names: dict[str, torch.nn.Module], channel_max: dict[str, torch.Tensor]) -> list[Any]:
+    """Hooks that keep the per-channel max |x| entering each `CHANNEL_ACTS` QuantAct in `channel_max`."""
+    def hook_for(name: str):
+        def hook(_m: qm.QuantAct, args: tuple) -> None:
+            x = args[0].detach().abs()
+            peak = x.reshape(-1, x.shape[-1]).amax(0)
+            channel_max[name] = torch.maximum(channel_max[name], peak) if name in channel_max else peak
+
+        return hook
+
+    return [names[n].register_forward_pre_hook(hook_for(n.removeprefix("ibert."))) for n in names
+            if any(n.endswith("." + a) or n == a for a in CHANNEL_ACTS)]
 
 
-def channel_ranges(model: torch.nn.Module) -> dict[str, list[float]]:
-    """Per-channel max |x| of the `CHANNEL_ACTS` QuantActs (names without the "ibert." prefix)."""
-    return dict(getattr(model.config, CHANNEL_RANGES, None) or {})
+@contextlib.contextmanager
+def _calibration_mode(model: torch.nn.Module, acts: list[qm.QuantAct], momentum: float) -> Iterator[None]:
+    """Ranges reset and updated with `momentum`, dropout off, train mode; all restored after
+    (the ranges stay: they are the result)."""
+    momenta = {m: m.act_range_momentum for m in acts}
+    dropouts = {m: m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    for m in acts:
+        m.x_min.fill_(-1e-5)
+        m.x_max.fill_(1e-5)
+        m.act_range_momentum = momentum
+    for m in dropouts:
+        m.p = 0.0
+    model.train()
+    try:
+        yield
+    finally:
+        for m, mom in momenta.items():
+            m.act_range_momentum = mom
+        for m, p in dropouts.items():
+            m.p = p
+        model.eval()
 
 
 def tokenizer_batches(tokenizer_file: Path, texts: list[str], batch: int, max_len: int, pad_id: int) -> list[dict[str, Any]]:
@@ -211,7 +201,7 @@ def calibrate_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer_file
     if not any(t.strip() for t in texts):
         raise ValueError("calibration text is empty")
     batches = tokenizer_batches(tokenizer_file, list(texts), batch_size, seq_len, model.config.pad_token_id)
-    if isinstance(model, IBertForMultipleChoice):  # it reads [batch, choices, seq]: each sentence is one choice
+    if REGISTRY[type(model).__name__].choice_axis:  # [batch, choices, seq]: each sentence is one choice
         batches = [{k: v[:, None] for k, v in b.items()} for b in batches]
     return calibrate(model, batches, progress=progress, estimator=estimator, percentile=percentile)
 
@@ -232,7 +222,6 @@ def calibrate_checkpoint(model: str | Path, texts_file: Path, out: Path, *, esti
                          max_texts: int | None = None, force: bool = False, progress: bool = True) -> Path:
     """Calibrate checkpoint `model` (a directory or "default") on `texts_file`'s lines and write a
     calibrated IBert checkpoint with the source's tokenizer files and `calibration.json` to `out`."""
-    from . import checkpoint
     from .artifact import TOKENIZER, Staging, sha256
 
     check_estimator(estimator, percentile)

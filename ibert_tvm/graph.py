@@ -7,8 +7,10 @@ weights, INT32 biases, dyadic multipliers) are listed with their names for the a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import tvm
@@ -21,6 +23,7 @@ from relay_ops.gemm import U8_SHIFT
 from relay_ops.layernorm import layer_norm_kernel
 from relay_ops.linear import gelu_epilogue, linear_kernel, raw_epilogue, requant_epilogue, residual_epilogue, tanh_epilogue
 
+from .names import bucket_symbol, function_name, layer_kernel
 from .program import IntProgram, Linear
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -33,16 +36,17 @@ class Graph:
 
 
 class _Emitter:
-    """Adds kernels as `prefix + name` (unique across the functions of one module) and their
-    constants as parameters named without the prefix (the same arrays for every length)."""
+    """Adds kernels as `names.bucket_symbol(seq, name)` (unique across the functions of one
+    module; `seq` None: the plain name) and their constants as parameters named without it (the
+    same arrays for every length)."""
 
-    def __init__(self, bb: relax.BlockBuilder, prefix: str):
-        self.bb, self.prefix = bb, prefix
+    def __init__(self, bb: relax.BlockBuilder, seq: int | None):
+        self.bb, self.seq = bb, seq
         self.params: list[tuple[str, np.ndarray]] = []
         self.param_vars: list[relax.Var] = []
 
     def call(self, k: Kernel, *args: relax.Expr) -> relax.Var:
-        symbol = self.prefix + k.name
+        symbol = k.name if self.seq is None else bucket_symbol(self.seq, k.name)
         gv = self.bb.add_func(k.func.with_attr("global_symbol", symbol), symbol)
         consts = []
         for i, arr in enumerate(k.consts):
@@ -53,17 +57,43 @@ class _Emitter:
             consts.append(v)
         return self.bb.emit(relax.call_tir(gv, [*args, *consts], relax.TensorType(k.out_shape, k.out_dtype)))
 
+    def reshape(self, x: relax.Expr, shape: tuple[int, ...]) -> relax.Var:
+        return self.bb.emit(relax.op.reshape(x, shape))
 
-def function_name(seq: int) -> str:
-    return f"main_s{seq}"
+
+@dataclass
+class Encoded:
+    """What a head reads: the encoder's int8 output, and the shapes around it."""
+
+    em: _Emitter
+    p: IntProgram
+    linear: Callable[..., Kernel]  # linear_kernel for the target's activations
+    x: relax.Var  # [rows, hidden], rows = batch * choices * seq
+    hidden: relax.Var  # x as [batch * choices, seq, hidden]
+    batch: int  # of the function's inputs
+    choices: int
+    seq: int
+
+    @property
+    def flat(self) -> int:
+        """Sequences the encoder ran on: every choice is one."""
+        return self.batch * self.choices
+
+    @property
+    def rows(self) -> int:
+        return self.flat * self.seq
+
+    def first_token(self) -> dict[str, Any]:
+        """linear_kernel arguments that read each sequence's first token from `hidden`."""
+        return dict(x_shape=(self.flat, self.seq, self.p.hidden), read=lambda t, r, k: t[r, 0, k])
 
 
 def build_graphs(p: IntProgram, batch: int, seqs: list[int], a_shift: int = U8_SHIFT, choices: int = 1) -> Graph:
     """One module with a function per compiled sequence length (`function_name`), their kernels
-    prefixed `s{S}_`, all taking the same parameters."""
+    named by `names.bucket_symbol`, all taking the same parameters."""
     module, params = tvm.IRModule(), None
     for seq in sorted(set(seqs)):
-        g = build_graph(p, batch, seq, a_shift, function_name(seq), f"s{seq}_", choices)
+        g = build_graph(p, batch, seq, a_shift, function_name(seq), True, choices)
         if params is not None and [n for n, _ in g.params] != [n for n, _ in params]:
             raise AssertionError("sequence-length buckets disagree on their parameters")
         params = g.params
@@ -72,7 +102,7 @@ def build_graphs(p: IntProgram, batch: int, seqs: list[int], a_shift: int = U8_S
 
 
 def build_graph(p: IntProgram, batch: int, seq: int, a_shift: int = U8_SHIFT, name: str = "main",
-                prefix: str = "", choices: int = 1) -> Graph:
+                bucketed: bool = False, choices: int = 1) -> Graph:
     """`a_shift`: how the target's GEMMs take activations (relay_ops.gemm); outputs never change.
     Multiple choice takes [batch, choices, seq] inputs and runs the encoder on batch * choices rows."""
     if seq > p.max_positions - p.pad_id - 1:
@@ -85,67 +115,89 @@ def build_graph(p: IntProgram, batch: int, seq: int, a_shift: int = U8_SHIFT, na
     linear = partial(linear_kernel, a_shift=a_shift)
     bb = relax.BlockBuilder()
     ins = [relax.Var(n, relax.TensorType(p.input_shape(batch, seq, choices), "int32")) for n in INPUTS]
-    em = _Emitter(bb, prefix)
+    em = _Emitter(bb, seq if bucketed else None)
     # Parameters are only known once the body is emitted: build the body in a dataflow block of a
     # function whose parameter list is completed afterwards.
     with bb.function(name):
         with bb.dataflow():
-            ids, mask, types = (bb.emit(relax.op.reshape(v, (flat, seq))) if choices > 1 else v for v in ins)
-            batch, out_batch = flat, batch
-            x16 = em.call(embedding_kernel("embed", p.embeddings, p.pad_id, batch, seq), ids, types)
+            ids, mask, types = (em.reshape(v, (flat, seq)) if choices > 1 else v for v in ins)
+            x16 = em.call(embedding_kernel("embed", p.embeddings, p.pad_id, flat, seq), ids, types)
             x = em.call(layer_norm_kernel("embed_ln", p.embeddings.ln, rows, h), x16)
             for i, L in enumerate(p.layers):
-                n = f"l{i}_"
-                qkv = em.call(linear(n + "qkv", L.qkv, rows, requant_epilogue([L.qkv_out]), "int8"), x)
-                scores = em.call(scores_kernel(n + "scores", batch, seq, h, heads, a_shift), qkv)
-                probs = em.call(softmax_kernel(n + "softmax", L.softmax, batch, heads, seq), scores, mask)
-                ctx = em.call(context_kernel(n + "context", L, batch, seq, h, heads, a_shift), probs, qkv)
+                n = partial(layer_kernel, i)
+                qkv = em.call(linear(n("qkv"), L.qkv, rows, requant_epilogue([L.qkv_out]), "int8"), x)
+                scores = em.call(scores_kernel(n("scores"), flat, seq, h, heads, a_shift), qkv)
+                probs = em.call(softmax_kernel(n("softmax"), L.softmax, flat, heads, seq), scores, mask)
+                ctx = em.call(context_kernel(n("context"), L, flat, seq, h, heads, a_shift), probs, qkv)
                 attn = em.call(
                     linear(
-                        n + "attn_out", L.attn_dense, rows, residual_epilogue(L.attn_acc, L.attn_res), "int32",
-                        extra_inputs=(((rows, h), "int8"),), x_shape=(batch, heads, seq, d),
+                        n("attn_out"), L.attn_dense, rows, residual_epilogue(L.attn_acc, L.attn_res), "int32",
+                        extra_inputs=(((rows, h), "int8"),), x_shape=(flat, heads, seq, d),
                         read=lambda t, r, k: t[r // seq, k // d, r % seq, k % d],
                     ),
                     ctx, x,
                 )
-                hmid = em.call(layer_norm_kernel(n + "attn_ln", L.attn_ln, rows, h), attn)
-                inter = em.call(linear(n + "inter", L.inter, rows, gelu_epilogue(L.gelu), "int8"), hmid)
+                hmid = em.call(layer_norm_kernel(n("attn_ln"), L.attn_ln, rows, h), attn)
+                inter = em.call(linear(n("inter"), L.inter, rows, gelu_epilogue(L.gelu), "int8"), hmid)
                 res = em.call(
                     linear(
-                        n + "ffn_out", L.out_dense, rows, residual_epilogue(L.out_acc, L.out_res), "int32",
+                        n("ffn_out"), L.out_dense, rows, residual_epilogue(L.out_acc, L.out_res), "int32",
                         extra_inputs=(((rows, h), "int8"),),
                     ),
                     inter, hmid,
                 )
-                x = em.call(layer_norm_kernel(n + "ffn_ln", L.out_ln, rows, h), res)
-            hidden = bb.emit(relax.op.reshape(x, (batch, seq, h)))
-            outs = []
-            cls = dict(x_shape=(batch, seq, h), read=lambda t, r, k: t[r, 0, k])
-            if p.classifier is not None:
-                c = p.classifier
-                t = em.call(linear("cls_dense", c.dense, batch, tanh_epilogue(c.tanh), "int8", **cls), hidden)
-                logits = em.call(linear("cls_out", c.out_proj, batch, raw_epilogue(), "int32"), t)
-                outs.append(bb.emit(relax.op.reshape(logits, (out_batch, choices))) if p.multiple_choice else logits)
-            elif p.model_class == "IBertForQuestionAnswering":
-                # start and end as two one-column products: no split kernel between them
-                for j, which in enumerate(("start", "end")):
-                    lin = Linear(p.token_head.weight[j : j + 1], p.token_head.bias[j : j + 1])
-                    logits = em.call(linear(f"qa_{which}", lin, rows, raw_epilogue(), "int32"), x)
-                    outs.append(bb.emit(relax.op.reshape(logits, (batch, seq))))
-            elif p.token_head is not None:
-                logits = em.call(linear("tok_out", p.token_head, rows, raw_epilogue(), "int32"), x)
-                outs.append(bb.emit(relax.op.reshape(logits, (batch, seq, len(p.label_names)))))
-            elif p.lm_head is not None:
-                lm = p.lm_head
-                g = em.call(linear("lm_dense", lm.dense, rows, gelu_epilogue(lm.gelu), "int32"), x)
-                t = em.call(layer_norm_kernel("lm_ln", lm.ln, rows, h), g)
-                logits = em.call(linear("lm_decoder", lm.decoder, rows, raw_epilogue(), "int32"), t)
-                outs.append(bb.emit(relax.op.reshape(logits, (batch, seq, p.vocab))))
-            else:
-                outs.append(hidden)
-                if p.pooler is not None:
-                    pl = p.pooler
-                    outs.append(em.call(linear("pooler", pl.dense, batch, tanh_epilogue(pl.tanh), "int8", **cls), hidden))
+                x = em.call(layer_norm_kernel(n("ffn_ln"), L.out_ln, rows, h), res)
+            hidden = em.reshape(x, (flat, seq, h))
+            outs = p.cls.head_in("graph")(Encoded(em, p, linear, x, hidden, batch, choices, seq))
             result = bb.emit_output(relax.Tuple(outs))
         bb.emit_func_output(result, params=[*ins, *em.param_vars])
     return Graph(bb.get(), em.params)
+
+
+# Heads, one per model class (`model_classes.ModelClass.head`): the encoded input -> the function's
+# outputs, in the class's output order.
+
+
+def encoder_head(e: Encoded) -> list[relax.Expr]:
+    if e.p.pooler is None:
+        return [e.hidden]
+    pl = e.p.pooler
+    pooled = e.em.call(e.linear("pooler", pl.dense, e.flat, tanh_epilogue(pl.tanh), "int8", **e.first_token()), e.hidden)
+    return [e.hidden, pooled]
+
+
+def masked_lm_head(e: Encoded) -> list[relax.Expr]:
+    lm = e.p.lm_head
+    g = e.em.call(e.linear("lm_dense", lm.dense, e.rows, gelu_epilogue(lm.gelu), "int32"), e.x)
+    t = e.em.call(layer_norm_kernel("lm_ln", lm.ln, e.rows, e.p.hidden), g)
+    logits = e.em.call(e.linear("lm_decoder", lm.decoder, e.rows, raw_epilogue(), "int32"), t)
+    return [e.em.reshape(logits, (e.flat, e.seq, e.p.vocab))]
+
+
+def _first_token_logits(e: Encoded) -> relax.Var:
+    c = e.p.classifier
+    t = e.em.call(e.linear("cls_dense", c.dense, e.flat, tanh_epilogue(c.tanh), "int8", **e.first_token()), e.hidden)
+    return e.em.call(e.linear("cls_out", c.out_proj, e.flat, raw_epilogue(), "int32"), t)
+
+
+def sequence_classification_head(e: Encoded) -> list[relax.Expr]:
+    return [_first_token_logits(e)]
+
+
+def multiple_choice_head(e: Encoded) -> list[relax.Expr]:
+    return [e.em.reshape(_first_token_logits(e), (e.batch, e.choices))]  # one logit per choice
+
+
+def token_classification_head(e: Encoded) -> list[relax.Expr]:
+    logits = e.em.call(e.linear("tok_out", e.p.token_head, e.rows, raw_epilogue(), "int32"), e.x)
+    return [e.em.reshape(logits, (e.flat, e.seq, len(e.p.label_names)))]
+
+
+def question_answering_head(e: Encoded) -> list[relax.Expr]:
+    outs = []
+    # start and end as two one-column products: no split kernel between them
+    for j, which in enumerate(("start", "end")):
+        lin = Linear(e.p.token_head.weight[j : j + 1], e.p.token_head.bias[j : j + 1])
+        logits = e.em.call(e.linear(f"qa_{which}", lin, e.rows, raw_epilogue(), "int32"), e.x)
+        outs.append(e.em.reshape(logits, (e.flat, e.seq)))
+    return outs

@@ -1,4 +1,5 @@
-"""PyTorch I-BERT -> integer program: one converter per transformers module type.
+"""PyTorch I-BERT -> integer program: one converter per transformers module type, one head per
+model class (`model_classes.REGISTRY`).
 
 Scales are computed with HF's own quantization functions (so weights, biases and activation
 scales are exactly HF's), then every float ratio between scales becomes a dyadic `Requant` and
@@ -17,11 +18,12 @@ from torch import nn
 from transformers.models.ibert import modeling_ibert as hf
 from transformers.models.ibert import quant_modules as qm
 
+from .model_classes import REGISTRY
 from .program import (
+    EXP_CONST,
     INT8,
     INT16,
     INT22,
-    OUTPUTS,
     LMHead,
     Embeddings,
     Gelu,
@@ -35,11 +37,11 @@ from .program import (
     Tanh,
     dyadic,
 )
+from .ranges import UNCALIBRATED, channel_ranges, head_ranges
 
 # i-exp and i-GELU constants, as in HF's IntSoftmax / IntGELU.
 EXP_X0 = -0.6931
 EXP_COEF = (0.35815147, 0.96963238 / 0.35815147, 1.0 / 0.35815147)
-EXP_CONST = 30
 GELU_K = 1.4142
 GELU_COEF = (-0.2888, -1.769, 1.0 / -0.2888)
 
@@ -51,7 +53,7 @@ class NotCalibratedError(ValueError):
 def act_scale(act: qm.QuantAct) -> float:
     """HF's activation scale from the calibrated range (float32, as HF computes it)."""
     lim = max(abs(act.x_min.item()), abs(act.x_max.item()))
-    if lim <= 1.1e-5:
+    if lim <= UNCALIBRATED:
         raise NotCalibratedError(
             "the model's activation ranges are not calibrated: pass calibration text "
             "(ibert_tvm.calibrate or --calib-texts)"
@@ -68,9 +70,7 @@ MIN_CHANNEL_FRACTION = 2.0**-12
 
 def scales_of(model: nn.Module, per_channel: bool = True) -> Callable[[qm.QuantAct], Scale]:
     """Each QuantAct's scale: HF's per-tensor one, or per channel where our calibration recorded
-    per-channel ranges (`calibrate.CHANNEL_ACTS`) and `per_channel`."""
-    from .calibrate import channel_ranges
-
+    per-channel ranges (`ranges.CHANNEL_ACTS`) and `per_channel`."""
     recorded = channel_ranges(model) if per_channel else {}
     acts = {m: recorded[n.removeprefix("ibert.")] for n, m in model.named_modules() if n.removeprefix("ibert.") in recorded}
 
@@ -78,7 +78,7 @@ def scales_of(model: nn.Module, per_channel: bool = True) -> Callable[[qm.QuantA
         if act not in acts:
             return act_scale(act)
         peak = np.asarray(acts[act], np.float64)
-        if peak.max() <= 1.1e-5:
+        if peak.max() <= UNCALIBRATED:
             raise NotCalibratedError("a per-channel activation range is empty: recalibrate the model")
         return np.maximum(peak, peak.max() * MIN_CHANNEL_FRACTION) / (2 ** (act.activation_bit - 1) - 1)
 
@@ -239,7 +239,7 @@ def convert_head(dense: nn.Linear, out_proj: nn.Linear | None, s_in: Scale) -> t
 def range_scale(lo_hi: tuple[float, float], bits: int) -> float:
     """Symmetric scale of a calibrated (min, max) range at `bits` bits, as HF's QuantAct."""
     lim = max(abs(lo_hi[0]), abs(lo_hi[1]))
-    if lim <= 1.1e-5:
+    if lim <= UNCALIBRATED:
         raise NotCalibratedError("a head activation range is empty: recalibrate the model")
     return lim / (2 ** (bits - 1) - 1)
 
@@ -264,39 +264,67 @@ def convert_lm_head(m: hf.IBertLMHead, s_in: Scale, ranges: dict[str, tuple[floa
     return head, s_logit
 
 
-CONVERTERS: dict[type, Callable[..., Any]] = {
-    hf.IBertEmbeddings: convert_embeddings,
-    hf.IBertLayer: convert_layer,
-}
-
-
 def _labels(cfg: Any) -> list[str]:
     return [cfg.id2label[i] for i in range(cfg.num_labels)]
 
 
+# Heads, one per model class (`model_classes.ModelClass.head`): the model and the scale of its int8
+# hidden states -> the IntProgram fields of the head.
+
+
+def encoder_head(model: hf.IBertModel, scale: Scale) -> dict[str, Any]:
+    return {} if model.pooler is None else {"pooler": convert_head(model.pooler.dense, None, scale)[0]}
+
+
+def masked_lm_head(model: hf.IBertForMaskedLM, scale: Scale) -> dict[str, Any]:
+    lm_head, logit_scale = convert_lm_head(model.lm_head, scale, head_ranges(model))
+    return {"lm_head": lm_head, "logit_scale": logit_scale}
+
+
+def sequence_classification_head(model: hf.IBertForSequenceClassification, scale: Scale) -> dict[str, Any]:
+    head, logit_scale = convert_head(model.classifier.dense, model.classifier.out_proj, scale)
+    return {"classifier": head, "logit_scale": logit_scale, "label_names": _labels(model.config)}
+
+
+def multiple_choice_head(model: hf.IBertForMultipleChoice, scale: Scale) -> dict[str, Any]:
+    head, logit_scale = convert_head(model.ibert.pooler.dense, model.classifier, scale)
+    return {"classifier": head, "logit_scale": logit_scale}
+
+
+def token_classification_head(model: hf.IBertForTokenClassification, scale: Scale) -> dict[str, Any]:
+    lin, logit_scale = quantize_linear(model.classifier, scale)
+    return {"token_head": lin, "logit_scale": logit_scale, "label_names": _labels(model.config)}
+
+
+def question_answering_head(model: hf.IBertForQuestionAnswering, scale: Scale) -> dict[str, Any]:
+    if model.qa_outputs.out_features != 2:
+        raise ValueError(f"a question-answering head has 2 outputs (start, end), this one {model.qa_outputs.out_features}")
+    lin, logit_scale = quantize_linear(model.qa_outputs, scale)
+    return {"token_head": lin, "logit_scale": logit_scale, "label_names": ["start", "end"]}
+
+
 def convert(model: nn.Module, per_channel: bool = True) -> IntProgram:
-    """Extract the integer program of any of the six IBert classes (heads included).
+    """Extract the integer program of any registered IBert class (heads included).
 
     `per_channel`: LayerNorm and GELU outputs get a scale per channel where our calibration recorded
     their ranges (HF's simulation has one per tensor)."""
-    from .calibrate import head_ranges
     from .checkpoint import check_finite
 
     kind = type(model).__name__
-    if kind not in OUTPUTS or not isinstance(model, hf.IBertPreTrainedModel):
-        raise TypeError(f"cannot compile {kind}: supported are {', '.join(OUTPUTS)}")
+    if kind not in REGISTRY or not isinstance(model, hf.IBertPreTrainedModel):
+        raise TypeError(f"cannot compile {kind}: supported are {', '.join(REGISTRY)}")
     # checkpoint.load checked the weights; calibration since (or a model never saved) may have set
     # non-finite ranges, which would quantize into finite, wrong integers
     check_finite(model)
-    base = model if kind == "IBertModel" else model.ibert
+    base = model.base_model
     cfg = model.config
     scale_of = scales_of(model, per_channel)
-    emb, scale = CONVERTERS[hf.IBertEmbeddings](base.embeddings, scale_of)
+    emb, scale = convert_embeddings(base.embeddings, scale_of)
     layers = []
     for layer in base.encoder.layer:
-        converted, scale = CONVERTERS[hf.IBertLayer](layer, scale, scale_of)
+        converted, scale = convert_layer(layer, scale, scale_of)
         layers.append(converted)
-    prog = IntProgram(
+    return IntProgram(
         model_class=kind,
         hidden=cfg.hidden_size,
         heads=cfg.num_attention_heads,
@@ -306,20 +334,5 @@ def convert(model: nn.Module, per_channel: bool = True) -> IntProgram:
         embeddings=emb,
         layers=layers,
         hidden_scale=scale,
+        **REGISTRY[kind].head_in("importer")(model, scale),
     )
-    if kind == "IBertModel" and base.pooler is not None:
-        prog.pooler, _ = convert_head(base.pooler.dense, None, scale)
-    elif kind == "IBertForSequenceClassification":
-        prog.classifier, prog.logit_scale = convert_head(model.classifier.dense, model.classifier.out_proj, scale)
-        prog.label_names = _labels(cfg)
-    elif kind == "IBertForMultipleChoice":
-        prog.classifier, prog.logit_scale = convert_head(base.pooler.dense, model.classifier, scale)
-    elif kind in ("IBertForTokenClassification", "IBertForQuestionAnswering"):
-        lin = model.classifier if kind == "IBertForTokenClassification" else model.qa_outputs
-        if kind == "IBertForQuestionAnswering" and lin.out_features != 2:
-            raise ValueError(f"a question-answering head has 2 outputs (start, end), this one {lin.out_features}")
-        prog.token_head, prog.logit_scale = quantize_linear(lin, scale)
-        prog.label_names = _labels(cfg) if kind == "IBertForTokenClassification" else ["start", "end"]
-    elif kind == "IBertForMaskedLM":
-        prog.lm_head, prog.logit_scale = convert_lm_head(model.lm_head, scale, head_ranges(model))
-    return prog

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .model_classes import REGISTRY, ModelClass, Output
+
 FORMAT_VERSION = 1
 INT8 = (-128, 127)
 INT16 = (-32768, 32767)
@@ -24,6 +26,8 @@ INT22 = (-(2**21), 2**21 - 1)
 # Products fed to a requantization stay below 2**62 so that adding the rounding term cannot
 # overflow int64; the mantissa width of each requantization is chosen from its input bound.
 PRODUCT_BITS = 62
+# HF IntSoftmax's constant: i-exp inputs are clamped at EXP_CONST * x0 and its output has scale 2**-EXP_CONST
+EXP_CONST = 30
 SMALL_INPUT_BITS = 22
 
 
@@ -191,24 +195,12 @@ class LMHead:
     """dense -> i-GELU (to 22 bits) -> i-LayerNorm (int8) -> decoder: int32 logits over the vocabulary.
 
     HF keeps this head in float and has no activation ranges for it; the GELU and LayerNorm output
-    scales come from our own calibration (`calibrate.head_ranges`)."""
+    scales come from our own calibration (`ranges.head_ranges`)."""
 
     dense: Linear
     gelu: Gelu
     ln: LayerNorm
     decoder: Linear
-
-
-# Outputs of each class, in the order the compiled function returns them (transformers' names).
-OUTPUTS = {
-    "IBertModel": ["last_hidden_state", "pooler_output"],
-    "IBertForMaskedLM": ["logits"],
-    "IBertForSequenceClassification": ["logits"],
-    "IBertForMultipleChoice": ["logits"],
-    "IBertForTokenClassification": ["logits"],
-    "IBertForQuestionAnswering": ["start_logits", "end_logits"],
-}
-TOKEN_LEVEL = ("IBertForMaskedLM", "IBertForTokenClassification", "IBertForQuestionAnswering")
 
 
 @dataclass
@@ -230,10 +222,13 @@ class IntProgram:
     label_names: list[str] = field(default_factory=list)
 
     @property
+    def cls(self) -> ModelClass:
+        """The registry entry of its model class: outputs, task, heads."""
+        return REGISTRY[self.model_class]
+
+    @property
     def outputs(self) -> list[str]:
-        if self.model_class == "IBertModel" and self.pooler is None:
-            return ["last_hidden_state"]
-        return OUTPUTS[self.model_class]
+        return [o.name for o in self._outputs()]
 
     @property
     def type_vocab(self) -> int:
@@ -242,42 +237,29 @@ class IntProgram:
 
     @property
     def multiple_choice(self) -> bool:
-        return self.model_class == "IBertForMultipleChoice"
+        return self.cls.choice_axis
+
+    @property
+    def hidden_scales(self) -> list[float]:
+        return [float(v) for v in np.atleast_1d(self.hidden_scale)]
+
+    @property
+    def logit_scales(self) -> list[float]:
+        return [float(s) for s in self.logit_scale] if self.logit_scale is not None else []
+
+    def _outputs(self) -> list[Output]:
+        return [o for o in self.cls.outputs if o.present(self)]
 
     def output_scales(self) -> dict[str, list[float]]:
-        logit = [float(s) for s in self.logit_scale] if self.logit_scale is not None else []
-        hidden = [float(v) for v in np.atleast_1d(self.hidden_scale)]
-        scales = {"last_hidden_state": hidden, "pooler_output": [1 / Tanh.OUT_SCALE]}
-        if self.model_class == "IBertForQuestionAnswering":
-            scales |= {"start_logits": logit[:1], "end_logits": logit[1:]}
-        else:
-            scales["logits"] = logit
-        return {k: scales[k] for k in self.outputs}
+        return {o.name: o.scale(self) for o in self._outputs()}
 
     def input_shape(self, batch: int, seq: int, choices: int = 1) -> list[int]:
         return [batch, choices, seq] if self.multiple_choice else [batch, seq]
 
     def output_specs(self, batch: int, seq: int, choices: int = 1) -> list[dict[str, Any]]:
         """Name, shape, dtype, scales and sequence axis (None: no per-token axis) of every output."""
-        h, labels = self.hidden, len(self.label_names)
-        shapes: dict[str, list[int]] = {
-            "last_hidden_state": [batch, seq, h],
-            "pooler_output": [batch, h],
-            "start_logits": [batch, seq],
-            "end_logits": [batch, seq],
-            "logits": {
-                "IBertForMaskedLM": [batch, seq, self.vocab],
-                "IBertForSequenceClassification": [batch, labels],
-                "IBertForMultipleChoice": [batch, choices],
-                "IBertForTokenClassification": [batch, seq, labels],
-            }.get(self.model_class, []),
-        }
-        per_token = self.model_class in TOKEN_LEVEL
-        seq_axis = {"last_hidden_state": 1, "start_logits": 1, "end_logits": 1, "logits": 1 if per_token else None}
-        dtypes = {"last_hidden_state": "int8", "pooler_output": "int8"}
-        scales = self.output_scales()
-        return [{"name": n, "shape": shapes[n], "dtype": dtypes.get(n, "int32"), "scale": scales[n],
-                 "seq_axis": seq_axis.get(n)} for n in self.outputs]
+        return [{"name": o.name, "shape": o.shape(self, batch, seq, choices), "dtype": o.dtype, "scale": o.scale(self),
+                 "seq_axis": o.seq_axis} for o in self._outputs()]
 
 
 def iter_arrays(obj: Any, prefix: str = "") -> list[tuple[str, np.ndarray]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .program import INT16, INT22, IExp, IntProgram, Layer, LayerNorm, Linear, Requant, Softmax, Tanh
+from .program import EXP_CONST, INT16, INT22, PRODUCT_BITS, IExp, IntProgram, Layer, LayerNorm, Linear, Requant, Softmax, Tanh
 
 I64 = np.int64
 
@@ -58,14 +58,15 @@ def layer_norm(x: np.ndarray, ln: LayerNorm) -> np.ndarray:
 
 
 def iexp(x: np.ndarray, ie: IExp) -> np.ndarray:
-    """exp of x <= 0, requantized by `ie.out` with its shift grown by q (0 past 62 bits)."""
-    x = np.maximum(x.astype(I64), 30 * ie.x0)
+    """exp of x <= 0, requantized by `ie.out` with its shift grown by q (0 past PRODUCT_BITS)."""
+    x = np.maximum(x.astype(I64), EXP_CONST * ie.x0)
     q = x // ie.x0
     r = x - ie.x0 * q
     z = (r + ie.b) * r + ie.c
     shift = ie.out.e + q
-    y = (z * ie.out.m + (I64(1) << (np.minimum(shift, 62) - 1))) >> np.minimum(shift, 62)
-    return np.clip(np.where(shift > 62, 0, y), ie.out.lo, ie.out.hi)
+    top = np.minimum(shift, PRODUCT_BITS)
+    y = (z * ie.out.m + (I64(1) << (top - 1))) >> top
+    return np.clip(np.where(shift > PRODUCT_BITS, 0, y), ie.out.lo, ie.out.hi)
 
 
 def softmax(scores: np.ndarray, mask: np.ndarray, sm: Softmax) -> np.ndarray:
@@ -135,25 +136,42 @@ def run(p: IntProgram, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | No
     x = embeddings(p, ids, types)
     for L in p.layers:
         x = layer(x, mask, L, p.heads)
-    x = x.astype(np.int8)
-    out: dict[str, np.ndarray] = {}
-    if p.classifier is not None:
-        t = tanh(linear(x[:, 0], p.classifier.dense), p.classifier.tanh)
-        out["logits"] = linear(t, p.classifier.out_proj).astype(np.int32).reshape(*lead, -1)
-        if p.multiple_choice:
-            out["logits"] = out["logits"][..., 0]
-    elif p.token_head is not None:
-        logits = linear(x, p.token_head).astype(np.int32)
-        if p.model_class == "IBertForQuestionAnswering":
-            out["start_logits"], out["end_logits"] = logits[..., 0], logits[..., 1]
-        else:
-            out["logits"] = logits
-    elif p.lm_head is not None:
-        lm = p.lm_head
-        g = gelu(linear(x, lm.dense), lm.gelu)
-        out["logits"] = linear(layer_norm(g, lm.ln).astype(np.int8), lm.decoder).astype(np.int32)
-    else:
-        out["last_hidden_state"] = x
-        if p.pooler is not None:
-            out["pooler_output"] = tanh(linear(x[:, 0], p.pooler.dense), p.pooler.tanh)
-    return out
+    return p.cls.head_in("reference")(p, x.astype(np.int8), lead)
+
+
+# Heads, one per model class (`model_classes.ModelClass.head`): the program, the int8 hidden states
+# [rows, seq, hidden] and the inputs' leading shape -> the integer outputs.
+
+
+def encoder_head(p: IntProgram, x: np.ndarray, lead: tuple[int, ...]) -> dict[str, np.ndarray]:
+    if p.pooler is None:
+        return {"last_hidden_state": x}
+    return {"last_hidden_state": x, "pooler_output": tanh(linear(x[:, 0], p.pooler.dense), p.pooler.tanh)}
+
+
+def masked_lm_head(p: IntProgram, x: np.ndarray, lead: tuple[int, ...]) -> dict[str, np.ndarray]:
+    lm = p.lm_head
+    g = gelu(linear(x, lm.dense), lm.gelu)
+    return {"logits": linear(layer_norm(g, lm.ln).astype(np.int8), lm.decoder).astype(np.int32)}
+
+
+def _first_token_logits(p: IntProgram, x: np.ndarray) -> np.ndarray:
+    t = tanh(linear(x[:, 0], p.classifier.dense), p.classifier.tanh)
+    return linear(t, p.classifier.out_proj).astype(np.int32)
+
+
+def sequence_classification_head(p: IntProgram, x: np.ndarray, lead: tuple[int, ...]) -> dict[str, np.ndarray]:
+    return {"logits": _first_token_logits(p, x)}
+
+
+def multiple_choice_head(p: IntProgram, x: np.ndarray, lead: tuple[int, ...]) -> dict[str, np.ndarray]:
+    return {"logits": _first_token_logits(p, x).reshape(lead)}  # one logit per choice
+
+
+def token_classification_head(p: IntProgram, x: np.ndarray, lead: tuple[int, ...]) -> dict[str, np.ndarray]:
+    return {"logits": linear(x, p.token_head).astype(np.int32)}
+
+
+def question_answering_head(p: IntProgram, x: np.ndarray, lead: tuple[int, ...]) -> dict[str, np.ndarray]:
+    logits = linear(x, p.token_head).astype(np.int32)
+    return {"start_logits": logits[..., 0], "end_logits": logits[..., 1]}

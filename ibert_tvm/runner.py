@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import artifact
-from .targets import check_runnable
+from .targets import DEVICE_KINDS, check_runnable
 
 
 def use_threads(threads: int | None = None) -> int:
@@ -81,6 +81,10 @@ class Runner:
             check_timeout(rpc_timeout)
         else:
             check_runnable(m.target.arch, m.target.cpu_flags)
+        device_kind = DEVICE_KINDS.get(m.target.device)
+        if device_kind is None:
+            raise artifact.ArtifactError(f"{self.path}: field target.device is {m.target.device!r}; this runner "
+                                         f"knows {', '.join(DEVICE_KINDS)}")
         library = artifact.read_member(self.path, m, artifact.LIBRARY)
         tokenizer = None if m.tokenizer.file is None else _tokenizer(artifact.read_member(self.path, m, m.tokenizer.file))
         if rpc:
@@ -88,12 +92,7 @@ class Runner:
             self._dev = None
         else:
             self.threads = use_threads(threads)
-            if m.target.device == "cuda":
-                from .cuda import gpu_for
-
-                self._dev = gpu_for(m.target.tvm["arch"])
-            else:
-                self._dev = tvm.cpu()
+            self._dev = device_kind.runtime_device(m.target)
         self._tensor = tvm.runtime.tensor
         # parameters before the library: nothing of the artifact runs until every byte is verified
         params = artifact.load_params(self.path, m, lambda a: a if rpc else self._tensor(a, self._dev))

@@ -1,13 +1,16 @@
-"""Target presets: a name users type -> a TVM target, its schedules, and what the machine that
-runs the library needs (architecture, CPU features, GPU)."""
+"""Target presets: a name users type -> a TVM target, its device (schedules, toolchain, runtime:
+`device.Device`), and what the machine that runs the library needs (architecture, CPU features)."""
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 from dataclasses import dataclass, field
 from typing import Any
+
+from .device import Device
+from .device_cpu import CPU
+from .device_cuda import CUDA
 
 CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # compiler -> Debian package
 ARM64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
@@ -22,17 +25,31 @@ class Preset:
     cpu_flags: tuple[str, ...] = field(default=())  # CPU features the code needs (Linux names)
     isa: str | None = None  # schedules.cpu.ISAS key of the GEMM tiles (CPU targets)
     cross: str | None = None  # C++ compiler that links the library when built on another arch
-    device: str = "cpu"  # "cpu" or "cuda"
+    device_kind: Device = CPU
+
+    @property
+    def device(self) -> str:
+        """The device's name, as manifests record it ("cpu", "cuda")."""
+        return self.device_kind.name
 
     @property
     def a_shift(self) -> int:
-        """How the GEMMs take activations (relay_ops.gemm): u8 (+128) for x86 VNNI, s8 elsewhere."""
-        return 128 if self.arch == "x86_64" and self.device == "cpu" else 0
+        """How the GEMMs take activations (relay_ops.gemm): u8 (+128) or s8 (0)."""
+        return self.device_kind.a_shift(self)
+
+    def cross_compiler(self) -> str | None:
+        """The compiler that links the library here, or None for the native one; raises if missing."""
+        if self.cross is None or platform.machine() == self.arch:
+            return None
+        if shutil.which(self.cross) is None:
+            package = CROSS_PACKAGES.get(self.cross, self.cross)
+            raise FileNotFoundError(f"target {self.name} needs the cross-compiler {self.cross}: apt-get install {package}")
+        return self.cross
 
 
 def _cuda(sm: int, boards: str) -> Preset:
     return Preset(f"cuda-sm{sm}", f"NVIDIA sm_{sm} ({boards}); x86-64 host", {"kind": "cuda", "arch": f"sm_{sm}"},
-                  "x86_64", device="cuda")
+                  "x86_64", device_kind=CUDA)
 
 
 AMX_FLAGS = ("amx_tile", "amx_int8")
@@ -74,6 +91,8 @@ PRESETS = {
     )
 }
 ALIASES = {"x86": "host"}
+# manifest target.device -> its device: every kind some preset builds for
+DEVICE_KINDS = {p.device: p.device_kind for p in PRESETS.values()}
 # Linux arm64 AT_HWCAP bits of the features the presets name
 HWCAP_BITS = {"asimd": 1 << 1, "asimddp": 1 << 20}
 
@@ -110,21 +129,7 @@ def known() -> list[str]:
 
 
 def tvm_target(p: Preset, threads: int | None = None) -> "tvm.target.Target":  # noqa: F821
-    import tvm
-
-    if p.device == "cuda":
-        return tvm.target.Target(p.target, host={"kind": "llvm"})
-    return tvm.target.Target({**p.target, "num-cores": threads or os.cpu_count() or 1})
-
-
-def cross_compiler(p: Preset) -> str | None:
-    """The compiler that links the library here, or None for the native one; raises if missing."""
-    if p.cross is None or platform.machine() == p.arch:
-        return None
-    if shutil.which(p.cross) is None:
-        package = CROSS_PACKAGES.get(p.cross, p.cross)
-        raise FileNotFoundError(f"target {p.name} needs the cross-compiler {p.cross}: apt-get install {package}")
-    return p.cross
+    return p.device_kind.tvm_target(p, threads)
 
 
 def cpu_flags() -> set[str]:

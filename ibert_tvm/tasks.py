@@ -11,22 +11,15 @@ from typing import Any
 
 import numpy as np
 
+from .model_classes import REGISTRY, TASKS
 from .runner import Runner
 
-TASKS = {
-    "classify": "IBertForSequenceClassification",
-    "fill-mask": "IBertForMaskedLM",
-    "answer": "IBertForQuestionAnswering",
-    "tag": "IBertForTokenClassification",
-    "choose": "IBertForMultipleChoice",
-    "embed": "IBertModel",
-}
 MASK_TOKENS = ("[MASK]", "<mask>")
 
 
 def task_of(r: Runner) -> str:
     """The task an artifact's model class serves."""
-    return next(t for t, cls in TASKS.items() if cls == r.model_class)
+    return REGISTRY[r.model_class].task
 
 
 def _need(r: Runner, task: str) -> None:

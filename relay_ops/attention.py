@@ -11,13 +11,14 @@ from tvm import te, tirx
 from ibert_tvm.program import Layer, Softmax
 
 from .common import I64, Consts, Kernel, c64, iexp, make_kernel, requant
-from .gemm import GROUP, LANES, U8_SHIFT, int8_matmul, packable
+from .gemm import GROUP, LANES, U8_SHIFT, Part, int8_matmul, packable
 
 
 def _operand(qkv: te.Tensor, batch: int, seq: int, hidden: int, heads: int, which: int, transpose: bool,
              with_sums: bool) -> tuple[te.Tensor, bool, te.Tensor | None]:
     """One head operand as the GEMM's B: K as [S keys, d] or V^T as [d, S], packed if it fits,
     plus, if asked, its sums over the reduced axis (block "ksum") for the shift's compensation.
+    Both are marked with their GEMM role (`Part`), by which the schedules find them.
 
     `which` is 1 for K, 2 for V (their column block in QKV).
     """
@@ -31,11 +32,14 @@ def _operand(qkv: te.Tensor, batch: int, seq: int, hidden: int, heads: int, whic
     sums = None
     if with_sums:
         r = te.reduce_axis((0, k), name="r")
-        sums = te.compute((batch, heads, n), lambda b, h, j: te.sum(at(b, h, j, r).astype("int32"), axis=r), name="ksum")
+        sums = te.compute((batch, heads, n), lambda b, h, j: te.sum(at(b, h, j, r).astype("int32"), axis=r),
+                          name="ksum", attrs=Part.WEIGHT_SUMS.attrs)
     if packable(n, k):
         shape = (batch, heads, n // LANES, k // GROUP, LANES, GROUP)
-        return te.compute(shape, lambda b, h, n0, k0, n1, k1: at(b, h, n0 * LANES + n1, k0 * GROUP + k1), name="B_pack"), True, sums
-    return te.compute((batch, heads, n, k), at, name="B_pack"), False, sums
+        b_pack = te.compute(shape, lambda b, h, n0, k0, n1, k1: at(b, h, n0 * LANES + n1, k0 * GROUP + k1),
+                            name="B_pack", attrs=Part.WEIGHT.attrs)
+        return b_pack, True, sums
+    return te.compute((batch, heads, n, k), at, name="B_pack", attrs=Part.WEIGHT.attrs), False, sums
 
 
 def scores_kernel(name: str, batch: int, seq: int, hidden: int, heads: int, a_shift: int = U8_SHIFT) -> Kernel:

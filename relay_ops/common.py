@@ -8,7 +8,7 @@ import numpy as np
 import tvm.ir.expr
 from tvm import te, tirx
 
-from ibert_tvm.program import IExp, Requant
+from ibert_tvm.program import EXP_CONST, PRODUCT_BITS, IExp, Requant
 
 I64 = "int64"
 
@@ -85,18 +85,18 @@ def reciprocal(d: int, n_max: int) -> tuple[int, int]:
     """
     shift = (n_max * d).bit_length()
     m = -(-(1 << shift) // d)
-    if (n_max * m).bit_length() > 62:
+    if (n_max * m).bit_length() > PRODUCT_BITS:
         raise ValueError(f"no int64 multiply-shift reciprocal of {d} up to {n_max}")
     return m, shift
 
 
 def iexp(x: tvm.ir.expr.Expr, ie: IExp) -> tvm.ir.expr.Expr:
-    """i-exp of x <= 0 requantized by ie.out; the shift grows by q and past 62 bits gives 0.
+    """i-exp of x <= 0 requantized by ie.out; the shift grows by q and past PRODUCT_BITS gives 0.
 
     q = floor(x / x0) is (-x) // |x0| on the clamped range, computed as a multiply-shift
     (vector division by a constant lowers to scalar branches).
     """
-    lim = 30 * -ie.x0
+    lim = EXP_CONST * -ie.x0
     m, s = reciprocal(-ie.x0, lim)
     # n, q, r and the polynomial run in int32 when their static bounds allow (most scales)
     small = lim * m < 2**31 and ie.c + abs(ie.b) * -ie.x0 + ie.x0 * ie.x0 < 2**31
@@ -109,8 +109,8 @@ def iexp(x: tvm.ir.expr.Expr, ie: IExp) -> tvm.ir.expr.Expr:
     z = ((r + k(ie.b)) * r + k(ie.c)).astype(I64)
     q = q.astype(I64)
     shift = c64(ie.out.e) + q
-    y = rshift_round(z * c64(ie.out.m), tirx.min(shift, c64(62)))
-    return clamp(tirx.Select(shift > c64(62), c64(0), y), ie.out.lo, ie.out.hi)
+    y = rshift_round(z * c64(ie.out.m), tirx.min(shift, c64(PRODUCT_BITS)))
+    return clamp(tirx.Select(shift > c64(PRODUCT_BITS), c64(0), y), ie.out.lo, ie.out.hi)
 
 
 NEWTON_STEPS = 7  # from 2**ceil(bits/2) >= sqrt(n), enough for every n < 2**62 (tested)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tvm.ir.expr
 from tvm import te, tirx
 
 from ibert_tvm.program import INT16, Embeddings

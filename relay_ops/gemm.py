@@ -1,20 +1,26 @@
 """INT8 x INT8 -> INT32 matrix products with a fused integer epilogue.
 
-Layout, usable by every schedule:
-- A, the activation, is staged (block "A") as int8 + a_shift: x86 VNNI (`vpdpbusd`) multiplies
-  u8 by s8, so there a_shift is 128 and A is u8; ARM `sdot` and CUDA `dp4a` take s8 x s8 and
-  a_shift is 0. The stage also re-indexes its source (the CLS row, merged heads) for free;
-- B, the weight, is packed [N/16, K/4, 16, 4] (block "B_pack" when packed at run time);
+Layout, usable by every schedule; each stage carries its role as a block annotation (`Part`),
+which is how the schedules of every device find them (the block names are for reading only):
+- A, the activation, is staged (block "A", `Part.ACTIVATION`) as int8 + a_shift: x86 VNNI
+  (`vpdpbusd`) multiplies u8 by s8, so there a_shift is 128 and A is u8; ARM `sdot` and CUDA
+  `dp4a` take s8 x s8 and a_shift is 0. The stage also re-indexes its source (the CLS row,
+  merged heads) for free;
+- B, the weight, is packed [N/16, K/4, 16, 4] (block "B_pack", `Part.WEIGHT`, when packed at run
+  time; a constant weight is a parameter, packed ahead);
 - the shift is undone by subtracting a_shift * sum_k B[n, k], folded into the bias for constant
-  weights and computed per column for run-time operands (attention). Every flavour therefore
-  produces the same integers: the libraries of all targets are bit-identical;
-- the accumulator (block "C") feeds the epilogue (block "O") tile by tile.
+  weights and computed per column for run-time operands (attention: block "ksum",
+  `Part.WEIGHT_SUMS`). Every flavour therefore produces the same integers: the libraries of all
+  targets are bit-identical;
+- the accumulator (block "C", `Part.ACCUMULATOR`) feeds the epilogue (block "O", `Part.EPILOGUE`)
+  tile by tile.
 Shapes whose N is not a multiple of 16 or K not a multiple of 4 use B unpacked.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import StrEnum
 
 import numpy as np
 import tvm.ir.expr
@@ -24,6 +30,24 @@ LANES, GROUP = 16, 4
 U8_SHIFT = 128  # x86's a_shift
 
 Expr = tvm.ir.expr.Expr
+
+PART_KEY = "ibert.gemm_part"
+
+
+class Part(StrEnum):
+    """The role of a GEMM kernel's stage, kept in its TIR block's annotations under `PART_KEY`."""
+
+    ACTIVATION = "activation"
+    WEIGHT = "weight"
+    WEIGHT_SUMS = "weight_sums"
+    ACCUMULATOR = "accumulator"
+    EPILOGUE = "epilogue"
+
+    @property
+    def attrs(self) -> dict[str, str]:
+        """`te.compute(..., attrs=)` that mark a stage with this role (create_prim_func turns
+        them into the block's annotations)."""
+        return {PART_KEY: self.value}
 
 
 def packable(n: int, k: int) -> bool:
@@ -67,12 +91,15 @@ def int8_matmul(
     whether it is a constant folded into the bias or a run-time column sum).
     """
     dtype = "uint8" if a_shift else "int8"
-    a = te.compute((*batch, m, k), lambda *i: (a_int8(*i).astype("int32") + a_shift).astype(dtype), name="A")
+    a = te.compute((*batch, m, k), lambda *i: (a_int8(*i).astype("int32") + a_shift).astype(dtype), name="A",
+                   attrs=Part.ACTIVATION.attrs)
     rk = te.reduce_axis((0, k), name="k")
     read_b = b_reader(b, packed)
     acc = te.compute(
         (*batch, m, n),
         lambda *i: te.sum(a[(*i[:-1], rk)].astype("int32") * read_b(*i[:-2], i[-1], rk), axis=rk),
         name="C",
+        attrs=Part.ACCUMULATOR.attrs,
     )
-    return te.compute((*batch, m, n), lambda *i: epilogue(acc[i], *i).astype(out_dtype), name="O")
+    return te.compute((*batch, m, n), lambda *i: epilogue(acc[i], *i).astype(out_dtype), name="O",
+                      attrs=Part.EPILOGUE.attrs)

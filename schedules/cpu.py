@@ -1,9 +1,10 @@
 """CPU schedules (x86 and ARM): tensorized register tiles for INT8 GEMMs, parallel + vector loops
 elsewhere.
 
-GEMM kernels (`ibert.kind == "gemm"`, blocks A / C / O from `relay_ops.gemm`) are tiled MB rows
-x NB*16 columns; the accumulator is a per-tile local buffer (registers) computed under the
-epilogue's tile loop, so the epilogue (requantization, GELU, residual) reads it straight back.
+GEMM kernels (their stages found by the roles `relay_ops.gemm` gives them: `parts.gemm_parts`)
+are tiled MB rows x NB*16 columns; the accumulator is a per-tile local buffer (registers)
+computed under the epilogue's tile loop, so the epilogue (requantization, GELU, residual) reads
+it straight back.
 Each kernel has a single parallel loop; its operand stages are computed inside it.
 The inner 16x4 product is an ISA's dot-product intrinsic (x86 `vpdpbusd`, ARM `sdot`); without
 one (AVX2, plain NEON) LLVM vectorizes the same tile with widening multiplies. With Intel AMX, a
@@ -20,6 +21,7 @@ from tvm import s_tir, tirx
 from relay_ops.gemm import GROUP, LANES, packable
 
 from .intrin import AMX_K, AMX_M, AMX_N, SDOT_INTRIN, VNNI_INTRIN, amx_intrin
+from .parts import GemmParts, gemm_parts
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,10 @@ Tiles = tuple[int, int]  # (rows, 16-column groups) of one register tile
 
 
 def gemm_shape(func: tirx.PrimFunc) -> tuple[int, ...] | None:
-    """(*batch, M, N, K) of a GEMM kernel, read off its accumulator block."""
-    if func.attrs["ibert.kind"] != "gemm":
-        return None
+    """(*batch, M, N, K) of a GEMM kernel, read off its accumulator block; None for other kernels."""
     sch = s_tir.Schedule(func)
-    return tuple(_extents(sch, sch.get_sblock("C")))
+    parts = gemm_parts(sch)
+    return tuple(_extents(sch, parts.accumulator)) if parts else None
 
 
 AMX_MIN_K = 256  # below, a block's few tile products do not pay for its configuration and C traffic:
@@ -100,7 +101,8 @@ def default_tiles(m: int, n: int, isa: Isa) -> Tiles:
 
 def schedule(func: tirx.PrimFunc, isa: Isa, tiles: Tiles | None = None) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
-    if func.attrs["ibert.kind"] == "gemm" and _gemm(sch, isa, tiles):
+    parts = gemm_parts(sch)
+    if parts and _gemm(sch, parts, isa, tiles):
         return sch.mod["main"]
     sch = s_tir.Schedule(func)
     if func.attrs["ibert.kind"] == "rowwise" and _rowwise(sch):
@@ -114,8 +116,8 @@ def _extents(sch: s_tir.Schedule, block) -> list[int]:
     return [int(sch.get(l).extent) for l in sch.get_loops(block)]
 
 
-def _gemm(sch: s_tir.Schedule, isa: Isa, tiles: Tiles | None) -> bool:
-    c, o = sch.get_sblock("C"), sch.get_sblock("O")
+def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, tiles: Tiles | None) -> bool:
+    c, o = parts.accumulator, parts.epilogue
     *batch, m, n, k = _extents(sch, c)
     if not packable(n, k):
         return False
@@ -137,13 +139,13 @@ def _gemm(sch: s_tir.Schedule, isa: Isa, tiles: Tiles | None) -> bool:
     # or the outer tiles. Per-head operands (packed K/V, key sums) and each row tile's u8
     # activations are staged inside it, once, and reused by every column tile.
     par = sch.fuse(*bl) if bl else outer
-    staged = [(name, at) for name, at in (("B_pack", par), ("ksum", par), ("A", None if columns_first else oi0))
-              if _has_block(sch, name)]
-    for name, at in staged:
+    staged = [(blk, at) for blk, at in ((parts.weight, par), (parts.weight_sums, par),
+                                         (parts.activation, None if columns_first else oi0)) if blk is not None]
+    for blk, at in staged:
         if at is None:
-            _parallel_vector(sch, sch.get_sblock(name))
+            _parallel_vector(sch, blk)
         else:
-            sch.compute_at(sch.get_sblock(name), at, preserve_unit_loops=False)
+            sch.compute_at(blk, at, preserve_unit_loops=False)
     sch.parallel(par)
     if amx:  # the whole block's reduction is one intrinsic call; its accumulator starts at 0 in memory
         init = sch.decompose_reduction(c, rows)
@@ -164,17 +166,9 @@ def _gemm(sch: s_tir.Schedule, isa: Isa, tiles: Tiles | None) -> bool:
     sch.vectorize(sch.get_loops(init)[-1])
     # the epilogue 16 columns at a time: wider int64 vectors than that spill registers
     sch.vectorize(sch.split(oj1, [None, LANES])[1] if nb > 1 else oj1)
-    for name, at in staged:
+    for blk, at in staged:
         if at is not None:
-            _vectorize_inner(sch, sch.get_sblock(name))
-    return True
-
-
-def _has_block(sch: s_tir.Schedule, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-    except s_tir.ScheduleError:
-        return False
+            _vectorize_inner(sch, blk)
     return True
 
 

@@ -1,12 +1,14 @@
-"""CUDA schedules for the TE kernels of `relay_ops` (the toolchain is in `ibert_tvm.cuda`).
+"""CUDA schedules for the TE kernels of `relay_ops` (the device's toolchain and runtime side are
+in `ibert_tvm.device_cuda`).
 
-`schedule(func)` picks, by the blocks it finds (not by name):
-- gemm: a block `C[.., i, j] += int32(X[.., i, k]) * int32(Y[.., j, k])` with 8-bit X, Y. C is
-  tiled per thread block (blockIdx) and per thread (a register tile of accumulators, "local");
-  the operand tiles of each k-chunk are staged in shared memory (their producer blocks, e.g.
-  the A re-indexing stage or B_pack, are computed there; parameters are cache-read there); the
-  innermost 4 k are one `__dp4a` (sm_61+) when K % 4 == 0. The epilogue block that consumes C
-  runs in the same thread on the accumulator tile. Other blocks (column sums) get `_generic`.
+`schedule(func)` picks:
+- gemm: a kernel whose blocks carry GEMM roles (`parts.gemm_parts`): the accumulator
+  `C[.., i, j] += int32(A[.., i, k]) * int32(B[.., j, k])` with 8-bit A, B. C is tiled per thread
+  block (blockIdx) and per thread (a register tile of accumulators, "local"); the operand tiles
+  of each k-chunk are staged in shared memory (the activation stage and a weight packed at run
+  time are computed there; a weight parameter is cache-read there); the innermost 4 k are one
+  `__dp4a` (sm_61+) when K % 4 == 0. The epilogue runs in the same thread on the accumulator
+  tile. The other blocks (column sums) get `_generic`.
 - rowwise: every block computed under the output's row loop (one thread block per row), row
   reductions across threads (TVM's cross-thread allreduce), per-row intermediates in shared
   (an allreduce result is written by thread 0 only, so "local" would be wrong for its readers).
@@ -21,11 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tvm import s_tir, tirx
-from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad(...) builds
 from tvm.script import tirx as T
 
+from .parts import gemm_parts
+
 THREADS = 256  # threads per block for rowwise / generic kernels
-SPATIAL, REDUCE = 0, 2  # IterVar.iter_type
+SPATIAL = 0  # IterVar.iter_type
 OPAQUE = 8  # relax OpPatternKind: keeps FuseOps from merging scheduled kernels
 
 
@@ -112,28 +115,6 @@ def _extent(sch: s_tir.Schedule, loop) -> int:
     return int(sch.get(loop).extent)
 
 
-def _int8_product(sch: s_tir.Schedule, blk) -> tuple[TensorLoad, TensorLoad] | None:
-    """(X[..], Y[..]) if the block is `C = C + int32(X[..]) * int32(Y[..])`, X, Y 8-bit, reducing
-    only over its last iter."""
-    kinds = _kinds(sch, blk)
-    store = sch.get(blk).body
-    if not (kinds and kinds[-1] == REDUCE and kinds.count(REDUCE) == 1 and isinstance(store, tirx.BufferStore)):
-        return None
-    v = store.value
-    if not (str(v.ty) == "int32" and isinstance(v, tirx.Add) and isinstance(v.b, tirx.Mul)):
-        return None
-    if not (isinstance(v.a, TensorLoad) and v.a.source.same_as(store.buffer)):
-        return None
-    loads = []
-    for op in (v.b.a, v.b.b):
-        if not (isinstance(op, tirx.Cast) and isinstance(op.value, TensorLoad)):
-            return None
-        if str(op.value.ty) not in ("int8", "uint8"):
-            return None
-        loads.append(op.value)
-    return loads[0], loads[1]
-
-
 def _below(sch: s_tir.Schedule, blk, loop) -> list:
     """The block's loops nested inside `loop`."""
     loops = sch.get_loops(blk)
@@ -162,32 +143,24 @@ def _fit(extent: int, threads: int, micro: int) -> tuple[int, int]:
 
 
 def _gemm(sch: s_tir.Schedule, t: GemmTiles) -> str | None:
-    root = sch.get_sblock("root")
-    found = [(b, ops) for b in sch.get_child_blocks(root) if (ops := _int8_product(sch, b))]
-    if len(found) != 1:
+    parts = gemm_parts(sch)
+    if parts is None:
         return None
-    c, (x_load, y_load) = found[0]
-    others = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]  # minus what is staged below
-    others.remove(sch.get(c).name_hint)
+    c, out = parts.accumulator, parts.epilogue
+    a_buf = sch.get(parts.activation).writes[0].source
+    reads = [r.source for r in sch.get(c).reads]
+    b_buf = next(b for b in reads if not b.same_as(a_buf))  # the accumulator reads A and B only
     *batch, li, lj, lk = sch.get_loops(c)
     m, n, k = (_extent(sch, l) for l in (li, lj, lk))
     ti, vi = _fit(m, t.threads_i, t.micro_i)
     tj, vj = _fit(n, t.threads_j, t.micro_j)
-    intrin = DP4A.get((str(x_load.ty), str(y_load.ty))) if k % 4 == 0 else None
+    intrin = DP4A.get((str(a_buf.dtype), str(b_buf.dtype))) if k % 4 == 0 else None
     kc = next(d for d in (t.k_chunk, 16, 8, 4, 2, 1) if k % d == 0 and (intrin is None or d % 4 == 0))
 
-    # The epilogue (or a write-back of C) is tiled over blocks and threads, and C computed per
-    # thread inside it: its accumulator tile stays in registers. (C is moved to the epilogue, not
-    # the reverse: the epilogue may read other producers, e.g. column sums, that come after C.)
-    consumers = sch.get_consumers(c)
-    if not consumers:
-        out = sch.cache_write(c, 0, "local")
-    elif len(consumers) == 1 and _kinds(sch, consumers[0]) == [SPATIAL] * (len(batch) + 2):
-        out = consumers[0]
-        others.remove(sch.get(out).name_hint)
-        sch.set_scope(c, 0, "local")
-    else:
-        return None
+    # The epilogue is tiled over blocks and threads, and C computed per thread inside it: its
+    # accumulator tile stays in registers. (C is moved to the epilogue, not the reverse: the
+    # epilogue may read other producers, e.g. column sums, that come after C.)
+    sch.set_scope(c, 0, "local")
     *ob, oi, oj = sch.get_loops(out)
     bi, ti_l, vi_l = sch.split(oi, [None, ti, vi])
     bj, tj_l, vj_l = sch.split(oj, [None, tj, vj])
@@ -206,18 +179,15 @@ def _gemm(sch: s_tir.Schedule, t: GemmTiles) -> str | None:
         ki, k4 = sch.split(ki, [None, 4])
     sch.reorder(ko, ki, ci, cj, *([k4] if k4 else []))
 
-    # Operand tiles of one k-chunk in shared memory, loaded by all threads of the block. A
-    # producer block (the A re-indexing stage, B_pack) is computed there; a parameter is copied
-    # there as [.., rows, k] whatever its layout (packed B included).
-    reads = [r.source for r in sch.get(c).reads]
-    for load, row in ((x_load, -3), (y_load, -2)):
-        producers = [p for p in sch.get_producers(c) if any(w.source.same_as(load.source) for w in sch.get(p).writes)]
-        if producers and len(sch.get_consumers(producers[0])) == 1:
-            stage, vec = producers[0], 1  # its source indexing is arbitrary: no vector loads
-            others.remove(sch.get(stage).name_hint)
+    # Operand tiles of one k-chunk in shared memory, loaded by all threads of the block. A stage
+    # block (the activation, a weight packed at run time) is computed there; a weight parameter
+    # is copied there as [.., rows, k] whatever its layout (packed included).
+    for produced, buf, row in ((parts.activation, a_buf, -3), (parts.weight, b_buf, -2)):
+        if produced is not None:
+            stage, vec = produced, 1  # its source indexing is arbitrary: no vector loads
             sch.set_scope(stage, 0, "shared")
         else:
-            index = next(i for i, b in enumerate(reads) if b.same_as(load.source))
+            index = next(i for i, b in enumerate(reads) if b.same_as(buf))
             layout = tirx.IndexMap.from_func(_rows_by_k(row), ndim=len(batch) + 3)
             stage = sch.reindex_cache_read(c, index, "shared", layout)
             vec = 4 if k % 4 == 0 else 1  # 4 bytes along k: aligned in a contiguous tensor
@@ -240,7 +210,7 @@ def _gemm(sch: s_tir.Schedule, t: GemmTiles) -> str | None:
         sch.unroll(loop)
     if intrin:
         sch.tensorize(k4, intrin)
-    _generic(sch, [sch.get_sblock(name) for name in others])  # e.g. column sums: kernels of their own
+    _generic(sch, [b for b in (parts.weight_sums, *parts.others) if b is not None])  # kernels of their own
     return "-dp4a" if intrin else "-simt"
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import tvm
 from tqdm import tqdm
+
+from ibert_tvm.files import write_atomic
+from ibert_tvm.names import kernel_kind
 
 from . import cpu
 
@@ -35,7 +37,7 @@ def load(cpu_name: str, folder: Path = RECORDS) -> dict[str, list[int]]:
 
 
 def key(name: str, shape: tuple[int, ...]) -> str:
-    return f"{re.sub(r'^(s[0-9]+_)?(l[0-9]+_)?', '', name)}:{'x'.join(map(str, shape))}"
+    return f"{kernel_kind(name)}:{'x'.join(map(str, shape))}"
 
 
 Measure = Callable[[tvm.tirx.PrimFunc], float]  # seconds per call of one scheduled kernel
@@ -122,5 +124,5 @@ def tune(mod: tvm.IRModule, cpu_name: str, isa: cpu.Isa, measure: Measure, trial
     if todo:
         folder.mkdir(parents=True, exist_ok=True)
         lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(records.items())]
-        record_file(cpu_name, folder).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+        write_atomic(record_file(cpu_name, folder), "{\n" + ",\n".join(lines) + "\n}\n")
     return records

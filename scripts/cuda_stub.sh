@@ -8,7 +8,7 @@
 # run on it, but compiling and exporting does not need the driver.
 #
 # Usage:  LD_LIBRARY_PATH="$(scripts/cuda_stub.sh)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" python ...
-#   or    preload it in-process before `import tvm` (see schedules/cuda.py: ensure_cuda_codegen).
+#   or    preload it in-process before `import tvm` (see ibert_tvm/device_cuda.py: ensure_cuda_codegen).
 # Never put it on LD_LIBRARY_PATH of a machine with a real driver: it would shadow it.
 set -euo pipefail
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from conftest import ci_setup_failed
 
 REPO = Path(__file__).resolve().parents[1]
 OFFLINE = ("Temporary failure resolving", "Could not resolve", "Could not connect", "Network is unreachable",
@@ -21,16 +21,25 @@ OFFLINE = ("Temporary failure resolving", "Could not resolve", "Could not connec
 
 
 @functools.cache
-def sysroot_python() -> Path:
-    """The aarch64 `python` wrapper, building the sysroot on first use (about a minute)."""
+def _build_sysroot() -> Path | str:
+    """The wrapper's path, or why the build could not reach its servers. Cached either way, so that
+    an offline machine runs the script once, not once per test and fixture that needs it."""
     res = subprocess.run(["bash", str(REPO / "scripts" / "aarch64_sysroot.sh")], capture_output=True, text=True,
                          env={**os.environ, "PYTHON": sys.executable})
     if res.returncode:
         tail = res.stderr[-2000:]
         if any(s in res.stderr for s in OFFLINE):
-            pytest.skip(f"aarch64 sysroot: apt or pip cannot reach its server:\n{tail}")
+            return f"aarch64 sysroot: apt or pip cannot reach its server, so no ARM library ran under qemu:\n{tail}"
         raise RuntimeError(f"scripts/aarch64_sysroot.sh failed ({res.returncode}):\n{tail}")
     return Path(res.stdout.splitlines()[-1])
+
+
+def sysroot_python() -> Path:
+    """The aarch64 `python` wrapper, building the sysroot on first use (about a minute)."""
+    built = _build_sysroot()
+    if isinstance(built, str):
+        ci_setup_failed(built)
+    return built
 
 
 def run_aarch64(script: str, *args: str, timeout: int = 600, env: dict[str, str] | None = None

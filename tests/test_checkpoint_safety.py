@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from conftest import CALIB_TEXTS, Spec, new_model, save_checkpoint
 
 from ibert_tvm import build, checkpoint, importer
-from ibert_tvm.calibrate import CHANNEL_RANGES
+from ibert_tvm.ranges import CHANNEL_RANGES
 from ibert_tvm.compile import CompileOptions, compile_model
 
 NAN, INF = float("nan"), float("inf")

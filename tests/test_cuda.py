@@ -1,8 +1,12 @@
 """CUDA targets without a GPU: the compiled library embeds a device binary (SASS) for the asked
 arch, GEMMs use dp4a, the CUDA schedules' loop nests compute the reference's integers (checked on
-the CPU with thread bindings made serial), and the runner refuses the library here, clearly."""
+the CPU with thread bindings made serial), and the runner refuses the library on a machine without
+a GPU, clearly."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,7 +25,7 @@ def cuda_artifacts(artifacts, tmp_path_factory):
 
 
 def test_library_holds_sass_for_its_arch_only(cuda_artifacts):
-    from ibert_tvm.cuda import device_images
+    from ibert_tvm.device_cuda import device_images
 
     for (preset, _), path in cuda_artifacts.items():
         images = device_images(path / "model.so")
@@ -76,17 +80,37 @@ def test_cuda_loop_nests_equal_reference_on_cpu(kind, monkeypatch):
 def test_multiple_choice_compiles_to_sass(tmp_path):
     """The one class with Relax reshapes around the encoder ([batch, choices, seq] in, [batch, choices] out)."""
     from ibert_tvm.build import compile_graph
-    from ibert_tvm.cuda import check_device_binary
+    from ibert_tvm.device_cuda import check_device_binary
     from ibert_tvm.graph import build_graph
 
     preset = targets.get("cuda-sm75")
     program = calibrated("IBertForMultipleChoice", Spec())[1]
-    compile_graph(build_graph(program, 2, 16, preset.a_shift, choices=CHOICES), preset).export_library(str(tmp_path / "mc.so"))
-    check_device_binary(tmp_path / "mc.so", "sm_75")
+    executable = compile_graph(build_graph(program, 2, 16, preset.a_shift, choices=CHOICES), preset)
+    preset.device_kind.export(executable, tmp_path / "mc.so", preset)
+    assert check_device_binary(tmp_path / "mc.so", "sm_75")
+
+
+def test_binary_check_refuses_cuda_source(tmp_path):
+    """What the export step checks: CUDA source where a device binary was asked for is an error."""
+    from ibert_tvm.device_cuda import check_device_binary
+
+    (tmp_path / "src.so").write_bytes(b"\x7fELF extern \"C\" __global__ void k() {}")
+    with pytest.raises(RuntimeError, match=r"no sm_75 cubin among \[\] \(it holds CUDA source"):
+        check_device_binary(tmp_path / "src.so", "sm_75")
+
+
+def gpu_present() -> bool:
+    """The driver counts a GPU, asked in a fresh process: this one may hold the stub libcuda that
+    compiling loads (it answers to the same soname and sees no device)."""
+    probe = ("import ctypes, sys; cuda = ctypes.CDLL('libcuda.so.1'); n = ctypes.c_int(0); "
+             "sys.exit(cuda.cuInit(0) or cuda.cuDeviceGetCount(ctypes.byref(n)) or n.value == 0)")
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
 
 
 def test_runner_refuses_cuda_library_without_gpu(cuda_artifacts):
     from ibert_tvm.runner import Runner
 
+    if gpu_present():
+        pytest.skip("this machine has an NVIDIA GPU: the refusal is for machines without one")
     with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):
         Runner(cuda_artifacts["cuda-sm75", "IBertModel"])

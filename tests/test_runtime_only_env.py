@@ -2,7 +2,8 @@
 
 A virtualenv with only `[project].dependencies` of pyproject.toml plus the project (--no-deps) is
 cached under ~/.cache/ibert-tvm/ (keyed by pyproject.toml; the project is reinstalled whenever its
-sources change). Skipped only when pip cannot reach a package index.
+sources change). When pip cannot reach a package index the tests fail under CI=true and are
+skipped elsewhere, with a warning (conftest.ci_setup_failed).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, random_inputs
+from conftest import REPO, ci_setup_failed, random_inputs
 
 PACKAGES = ("ibert_tvm", "relay_ops", "schedules")
 NO_INDEX = ("NewConnectionError", "Temporary failure in name resolution", "Network is unreachable",
@@ -64,7 +65,8 @@ def pip(python: Path, *args: str) -> None:
                          capture_output=True, text=True, env=clean_env())
     if res.returncode:
         if any(s in res.stderr for s in NO_INDEX):
-            pytest.skip(f"pip cannot reach a package index: {res.stderr[-300:]}")
+            ci_setup_failed("runtime-only venv: pip cannot reach a package index, so the runner was not run "
+                            f"without torch and transformers: {res.stderr[-300:]}")
         pytest.fail(f"pip install {' '.join(args)} failed:\n{res.stderr[-3000:]}")
 
 

@@ -1,5 +1,6 @@
 """Every class as an artifact: the runner's outputs (named as transformers) equal the reference's,
-and the task helpers (classify, fill_mask, answer, tag, choose, embed) read them correctly."""
+and the task helpers (classify, fill_mask, answer, tag, choose, embed) read them correctly: their
+labels, probabilities and vectors are recomputed here from the NumPy reference's integers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import CALIB_TEXTS, CHOICES, WORDS, compile_capturing, save_checkpoint
+from conftest import CALIB_TEXTS, CHOICES, WORDS, compile_capturing, mean_pooled, save_checkpoint
 
 from ibert_tvm import reference, tasks
 from ibert_tvm.runner import Runner
@@ -15,6 +16,13 @@ from ibert_tvm.runner import Runner
 SEQ = 16
 NEW_KINDS = ("IBertForMaskedLM", "IBertForMultipleChoice", "IBertForTokenClassification", "IBertForQuestionAnswering")
 LONG_CONTEXT = " ".join(WORDS[i % len(WORDS)] for i in range(0, 120, 3))  # 40 words: several windows
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the last axis, in float64; the tests' own, so that a wrong
+    `tasks.softmax` cannot also be the expected value."""
+    z = np.exp(np.asarray(logits, np.float64) - np.max(logits, axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
 
 
 @pytest.fixture(scope="session")
@@ -53,9 +61,12 @@ def test_classify(class_artifacts):
     out = tasks.classify(r, CALIB_TEXTS[:3])
     ids, mask, _ = r.encode(CALIB_TEXTS[:3]).values()
     logits = reference.run(program, ids, mask)["logits"] * program.logit_scale
-    for res, row in zip(out, logits):
+    for res, row, p in zip(out, logits, softmax(logits)):
         assert res["label"] == program.label_names[int(np.argmax(row))]
-        assert sum(res["probabilities"].values()) == pytest.approx(1) and res["score"] == max(res["probabilities"].values())
+        assert res["logits"] == pytest.approx(list(row), rel=1e-5)
+        assert list(res["probabilities"]) == list(program.label_names)
+        assert list(res["probabilities"].values()) == pytest.approx(list(p), rel=1e-5)
+        assert res["score"] == pytest.approx(p.max(), rel=1e-5)
 
 
 def test_fill_mask(class_artifacts):
@@ -63,8 +74,10 @@ def test_fill_mask(class_artifacts):
     (top,) = tasks.fill_mask(r, "the film was [MASK] and the music was great", top_k=4)
     ids, mask, _ = r.encode("the film was [MASK] and the music was great").values()
     row = reference.run(program, ids, mask)["logits"][0, 3] * program.logit_scale
-    assert [t["id"] for t in top] == list(np.argsort(-row, kind="stable")[:4])
-    assert [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
+    best = np.argsort(-row, kind="stable")[:4]
+    assert [t["id"] for t in top] == list(best)
+    assert [t["token"] for t in top] == [r.tokenizer.id_to_token(int(i)) for i in best]
+    assert [t["score"] for t in top] == pytest.approx(list(softmax(row)[best]), rel=1e-5)
     assert len(tasks.fill_mask(r, "[MASK] film [MASK]")) == 2
     with pytest.raises(ValueError, match=r"needs the mask token \[MASK\]"):
         tasks.fill_mask(r, "the film was good")
@@ -114,6 +127,7 @@ def test_tag_labels_each_word_by_its_first_token(class_artifacts):
     ids, mask, _ = r.encode(text).values()
     logits = reference.run(program, ids, mask)["logits"][0] * program.logit_scale
     assert [w["label"] for w in got] == [program.label_names[int(np.argmax(logits[t]))] for t in range(len(got))]
+    assert [w["score"] for w in got] == pytest.approx(list(softmax(logits[: len(got)]).max(1)), rel=1e-5)
 
 
 def test_choose(class_artifacts):
@@ -123,7 +137,8 @@ def test_choose(class_artifacts):
     ids, mask, types = r.pack(r.tokenize([(prompt, c) for c in choices] + [(prompt, choices[0])]))
     logits = reference.run(program, ids[None], mask[None], types[None])["logits"][0, :2] * program.logit_scale[0]
     assert got["choice"] == int(np.argmax(logits)) and got["logits"] == pytest.approx(list(logits), rel=1e-5)
-    assert sum(got["probabilities"]) == pytest.approx(1)
+    assert got["probabilities"] == pytest.approx(list(softmax(logits)), rel=1e-5)
+    assert got["text"] == choices[got["choice"]]
     with pytest.raises(ValueError, match=f"compiled for at most {CHOICES}"):
         tasks.choose(r, prompt, ["a", "b", "c", "d"])
     with pytest.raises(ValueError, match="at least one choice"):
@@ -131,9 +146,11 @@ def test_choose(class_artifacts):
 
 
 def test_embed_and_wrong_task(class_artifacts):
-    r, _ = class_artifacts["IBertModel"]
+    r, program = class_artifacts["IBertModel"]
     e = tasks.embed(r, CALIB_TEXTS[:2])
-    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1, rtol=1e-5)
+    ids, mask, _ = r.encode(CALIB_TEXTS[:2]).values()
+    hidden = reference.run(program, ids, mask)["last_hidden_state"] * program.hidden_scale
+    np.testing.assert_allclose(e, mean_pooled(hidden, mask), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="classify needs an IBertForSequenceClassification artifact.*IBertModel"):
         tasks.classify(r, "the film")
     mc, _ = class_artifacts["IBertForMultipleChoice"]

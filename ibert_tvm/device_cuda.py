@@ -1,10 +1,12 @@
-"""Compiling for CUDA on a machine without a GPU, and checking what came out.
+"""NVIDIA GPUs through CUDA: thread-block schedules (`schedules.cuda`), SASS from nvcc embedded
+in the library (checked), the GPU that runs it.
 
-TVM embeds a device binary (an nvcc fatbin) only when libtvm_runtime_cuda.so is loaded: it
-registers ffi.Module.create.cuda, which calls nvcc. Without it a CUDA export silently holds CUDA
-source. That library needs the driver's libcuda.so.1; where none is installed, a stub
-(scripts/cuda_stub.sh: every call returns CUDA_ERROR_NO_DEVICE) is loaded by absolute path first,
-and the loader then resolves the NEEDED entry by its soname: no LD_LIBRARY_PATH, no re-exec.
+Compiling works on a machine without a GPU. TVM embeds a device binary (an nvcc fatbin) only when
+libtvm_runtime_cuda.so is loaded: it registers ffi.Module.create.cuda, which calls nvcc. Without
+it a CUDA export silently holds CUDA source. That library needs the driver's libcuda.so.1; where
+none is installed, a stub (scripts/cuda_stub.sh: every call returns CUDA_ERROR_NO_DEVICE) is
+loaded by absolute path first, and the loader then resolves the NEEDED entry by its soname: no
+LD_LIBRARY_PATH, no re-exec.
 """
 
 from __future__ import annotations
@@ -17,8 +19,16 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import tvm
+from .device import Device, KernelSchedule, tvm_compile
+
+if TYPE_CHECKING:
+    import tvm
+    from tvm import relax
+
+    from .manifest import Target
+    from .targets import Preset
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,6 +46,7 @@ def ensure_cuda_codegen() -> None:
 
 def load_cuda_runtime(allow_stub: bool) -> None:
     """Load libtvm_runtime_cuda.so (CUDA modules and devices), on the real driver if there is one."""
+    import tvm
     from tvm.base import _LOADED_LIBS
 
     if tvm.get_global_func("ffi.Module.create.cuda", allow_missing=True) is not None:
@@ -57,8 +68,10 @@ def load_cuda_runtime(allow_stub: bool) -> None:
 def gpu_for(arch: str) -> tvm.runtime.Device:
     """The GPU that runs a library built for `arch` ("sm_75"), or an error that says why none does.
     nvcc embeds SASS only (no PTX), which runs on the same major version at an equal or newer minor."""
+    from tvm import runtime
+
     load_cuda_runtime(allow_stub=False)
-    dev = tvm.cuda(0)
+    dev = runtime.cuda(0)
     if not dev.exist:
         raise RuntimeError(f"this CUDA library ({arch}) needs an NVIDIA GPU; the driver sees none")
     major, minor = (int(v) for v in dev.compute_version.split("."))
@@ -113,3 +126,37 @@ def check_device_binary(path: str | os.PathLike, arch: str) -> list[DeviceImage]
         hint = " (it holds CUDA source: was libtvm_runtime_cuda loaded?)" if b"__global__" in Path(path).read_bytes() else ""
         raise RuntimeError(f"{path}: no {arch} cubin among {images}{hint}")
     return images
+
+
+def _tvm_target(preset: Preset, threads: int | None) -> tvm.target.Target:
+    """The GPU's thread counts are the schedules' own; the host side (the VM) is plain LLVM."""
+    import tvm
+
+    return tvm.target.Target(preset.target, host={"kind": "llvm"})
+
+
+def _scheduler(preset: Preset, records: Path) -> KernelSchedule:
+    """One schedule for every GPU: nothing is tuned, so records do not apply."""
+    from schedules import cuda
+
+    return lambda func, name: cuda.schedule(func)
+
+
+def _compile(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
+    ensure_cuda_codegen()
+    return tvm_compile(mod, target)
+
+
+def _export(executable: relax.VMExecutable, path: Path, preset: Preset) -> None:
+    """Linked by the native compiler; never ships CUDA source where a device binary was asked for."""
+    executable.export_library(str(path))
+    check_device_binary(path, preset.target["arch"])
+
+
+def _runtime_device(target: Target) -> tvm.runtime.Device:
+    return gpu_for(target.tvm["arch"])
+
+
+# dp4a takes s8 x s8: activations unshifted
+CUDA = Device("cuda", tunable=False, a_shift=lambda preset: 0, tvm_target=_tvm_target, scheduler=_scheduler,
+              compile=_compile, export=_export, runtime_device=_runtime_device)

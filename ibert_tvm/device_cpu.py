@@ -1,0 +1,60 @@
+"""CPUs (x86-64, AArch64) through LLVM: register-tile schedules with tuned tiles, native or
+cross-linked libraries, TVM's CPU thread pool at run time."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .device import Device, KernelSchedule, tvm_compile
+
+if TYPE_CHECKING:
+    import tvm
+    from tvm import relax
+
+    from .manifest import Target
+    from .targets import Preset
+
+
+def _a_shift(preset: Preset) -> int:
+    """x86's `vpdpbusd` (and AMX's `tdpbusd`) multiply u8 by s8; ARM's `sdot` takes s8 x s8."""
+    from relay_ops.gemm import U8_SHIFT
+
+    return U8_SHIFT if preset.arch == "x86_64" else 0
+
+
+def _tvm_target(preset: Preset, threads: int | None) -> tvm.target.Target:
+    import tvm
+
+    return tvm.target.Target({**preset.target, "num-cores": threads or os.cpu_count() or 1})
+
+
+def _scheduler(preset: Preset, records: Path) -> KernelSchedule:
+    from schedules import cpu, tuning
+
+    isa, tiles_of = cpu.ISAS[preset.isa], tuning.load(preset.target["mcpu"], records)
+
+    def schedule(func: tvm.tirx.PrimFunc, name: str) -> tvm.tirx.PrimFunc:
+        shape = cpu.gemm_shape(func)
+        tiles = tiles_of.get(tuning.key(name, shape)) if shape else None
+        return cpu.schedule(func, isa, tuple(tiles) if tiles else None)
+
+    return schedule
+
+
+def _export(executable: relax.VMExecutable, path: Path, preset: Preset) -> None:
+    from tvm.support import cc
+
+    cross = preset.cross_compiler()
+    executable.export_library(str(path), fcompile=cc.cross_compiler(cross) if cross else None)
+
+
+def _runtime_device(target: Target) -> tvm.runtime.Device:
+    from tvm import runtime
+
+    return runtime.cpu()
+
+
+CPU = Device("cpu", tunable=True, a_shift=_a_shift, tvm_target=_tvm_target, scheduler=_scheduler,
+             compile=tvm_compile, export=_export, runtime_device=_runtime_device)
