@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
+from .files import readable
 from .manifest import FORMAT_VERSION, ArtifactError, Manifest, canonical, first_difference, is_plain_name
 from .signing import SIGNATURE, sign, verify  # ed25519 over the manifest's bytes (compile --sign-key)
 
@@ -313,9 +314,7 @@ class Staging:
             if leftover.name != "lock":
                 shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
         self.dir.mkdir()
-        umask = os.umask(0)
-        os.umask(umask)
-        self.dir.chmod(0o777 & ~umask)
+        readable(self.dir, 0o777)
         return self
 
     def publish(self) -> Path:
@@ -371,6 +370,8 @@ def write(stage: Staging, fill: Callable[[Path], Manifest], sign_key: Path | Non
     """An artifact in `stage`: `fill(folder) -> Manifest` writes the library, tokenizer and (with
     `seal_params`) the parameters; the files' hashes complete the manifest; publish."""
     manifest = fill(stage.dir)
+    for p in stage.dir.iterdir():
+        readable(p, 0o777 if p.name == LIBRARY else 0o666)
     files = {p.name: sha256(p) for p in sorted(stage.dir.iterdir()) if p.is_file()}
     manifest = Manifest(**{**vars(manifest), "files": files})
     manifest.validate(str(stage.out / MANIFEST))

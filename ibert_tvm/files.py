@@ -16,6 +16,14 @@ def cache_dir() -> Path:
     return d
 
 
+def readable(path: Path, mode: int = 0o666) -> None:
+    """`mode` less the umask: what a plain open() would have given. mkstemp, mkdtemp and some
+    writers (safetensors) create files only their owner can read, which a deployment user cannot."""
+    umask = os.umask(0)
+    os.umask(umask)
+    Path(path).chmod(mode & ~umask)
+
+
 def atomic_file(path: Path, make: Callable[[Path], object]) -> Path:
     """`make(tmp)` writes a uniquely named file beside `path`, which is then renamed onto it:
     readers, concurrent writers and an interrupted run never see half a file."""
@@ -25,6 +33,7 @@ def atomic_file(path: Path, make: Callable[[Path], object]) -> Path:
     os.close(fd)
     try:
         make(Path(tmp))
+        readable(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

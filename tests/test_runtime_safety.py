@@ -511,3 +511,12 @@ print(rss() - base)
     growth = float(res.stdout.split()[-1])
     print(f"RSS growth over 150 construct/run/close cycles: {growth:.1f} MiB")
     assert growth < 10
+
+
+def test_artifact_files_are_readable_like_plain_files(artifact):
+    """A deployment user other than the builder can read the artifact (mkstemp and safetensors
+    create owner-only files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in artifact.path.iterdir() if p.name != art.OWNED}
+    assert modes == {n: (0o777 if n == art.LIBRARY else 0o666) & ~umask for n in modes}
