@@ -7,7 +7,7 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from schedules import cpu, tuning
+from ibert_tvm.schedules import cpu, tuning
 
 from . import targets
 from .graph import Graph

@@ -24,9 +24,8 @@ DEMO_SENTENCES = [
 
 
 def _options(a: argparse.Namespace, **extra):
-    from .compile import CompileOptions
-
     from .calibrate import read_texts
+    from .compile import CompileOptions
 
     texts = read_texts(a.calib_texts) if a.calib_texts else None
     return CompileOptions(model=a.model, target=a.target, batch=a.batch, seq_len=a.seq_len, calib_texts=texts,
@@ -58,7 +57,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
     if a.trials is not None and a.trials < 1:
         raise ValueError(f"--trials must be at least 1, got {a.trials}")
     records = tune_model(_options(a), a.trials, a.rpc_tracker, a.key)
-    print(f"{len(records)} tile records in {a.records or 'schedules/records'}/")
+    print(f"{len(records)} tile records in {a.records or 'ibert_tvm/schedules/records'}/")
     return 0
 
 
@@ -137,7 +136,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     """The main job: compile the default model for this CPU, compare similarities with FP32."""
     from . import artifact
     from .compile import CompileOptions, compile_model
-    from .fp32 import fp32_embeddings
+    from .evaluation.fp32 import fp32_embeddings
     from .runner import Runner
 
     out = Path(a.output)
@@ -163,7 +162,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
-    from .finetune import FinetuneOptions, finetune
+    from .evaluation.finetune import FinetuneOptions, finetune
 
     out = finetune(FinetuneOptions(
         model=a.model, train=a.train, out=Path(a.output), qat=a.qat, epochs=a.epochs, lr=a.lr,
@@ -174,11 +173,11 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .evaluate import EvalOptions, evaluate, markdown
+    from .evaluation.evaluate import EvalOptions, evaluate, markdown
 
     model = a.model
     if a.finetune:
-        from .finetune import sentiment_classifier
+        from .evaluation.finetune import sentiment_classifier
 
         if a.embeddings:
             raise ValueError("--finetune trains a classifier; --embeddings scores a bare encoder")
@@ -212,7 +211,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="compiled batch: inputs run in chunks of this many rows")
     p.add_argument("--seq-len", type=int, default=128, help="longest compiled sequence length (tokens)")
     p.add_argument("--calib-texts", help="text file, one calibration sentence a line (needed when uncalibrated)")
-    p.add_argument("--records", help="tuning records folder (default: schedules/records)")
+    p.add_argument("--records", help="tuning records folder (default: ibert_tvm/schedules/records)")
 
 
 def _calibration_arguments(p: argparse.ArgumentParser) -> None:
@@ -270,7 +269,7 @@ def _add_calibrate(sub: Any) -> None:
 
 
 def _add_bench(sub: Any) -> None:
-    from . import bench
+    from .evaluation import bench
 
     p = sub.add_parser("bench", help="time the INT8 library against PyTorch, ONNX Runtime and HF, in one run",
                        description=bench.__doc__)

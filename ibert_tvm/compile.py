@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from schedules import tuning
+from ibert_tvm.schedules import tuning
 
 from . import artifact, targets
 from .manifest import Manifest, Output, Target, Tensor, TokenizerInfo
@@ -30,7 +30,7 @@ class CompileOptions:
     calib_batch: int = 32
     force: bool = False
     progress: bool = True
-    records: Path | None = None  # tuning records folder (default: schedules/records)
+    records: Path | None = None  # tuning records folder (default: ibert_tvm/schedules/records)
     choices: int | None = None  # multiple choice: most choices per question (default 4)
     sign_key: Path | None = None  # Ed25519 private key (PEM): the artifact's manifest is signed with it
 
@@ -55,7 +55,7 @@ def versions() -> dict[str, str]:
 
 
 def default_calibration_texts(n: int = 256) -> list[str]:
-    from .data import movie_sentences
+    from .evaluation.data import movie_sentences
 
     rows = movie_sentences()
     step = max(1, len(rows) // n)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 def _a_shift(preset: Preset) -> int:
     """x86's `vpdpbusd` (and AMX's `tdpbusd`) multiply u8 by s8; ARM's `sdot` takes s8 x s8."""
-    from relay_ops.gemm import U8_SHIFT
+    from ibert_tvm.kernels.gemm import U8_SHIFT
 
     return U8_SHIFT if preset.arch == "x86_64" else 0
 
@@ -31,7 +31,7 @@ def _tvm_target(preset: Preset, threads: int | None) -> tvm.target.Target:
 
 
 def _scheduler(preset: Preset, records: Path) -> KernelSchedule:
-    from schedules import cpu, tuning
+    from ibert_tvm.schedules import cpu, tuning
 
     isa, tiles_of = cpu.ISAS[preset.isa], tuning.load(preset.target["mcpu"], records)
 

@@ -137,7 +137,7 @@ def _tvm_target(preset: Preset, threads: int | None) -> tvm.target.Target:
 
 def _scheduler(preset: Preset, records: Path) -> KernelSchedule:
     """One schedule for every GPU: nothing is tuned, so records do not apply."""
-    from schedules import cuda
+    from ibert_tvm.schedules import cuda
 
     return lambda func, name: cuda.schedule(func)
 

@@ -8,7 +8,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from .program import EXP_CONST, INT16, INT22, PRODUCT_BITS, IExp, IntProgram, Layer, LayerNorm, Linear, Requant, Softmax, Tanh
+from .program import (
+    EXP_CONST,
+    INT16,
+    INT22,
+    PRODUCT_BITS,
+    IExp,
+    IntProgram,
+    Layer,
+    LayerNorm,
+    Linear,
+    Requant,
+    Softmax,
+    Tanh,
+)
 
 I64 = np.int64
 

@@ -18,8 +18,8 @@ import torch
 
 from ibert_tvm import reference
 from ibert_tvm.compile import CompileOptions, compile_program, default_calibration_texts, load_calibrated
-from ibert_tvm.data import movie_sentences
-from ibert_tvm.fp32 import fp32_model
+from ibert_tvm.evaluation.data import movie_sentences
+from ibert_tvm.evaluation.fp32 import fp32_model
 from ibert_tvm.importer import convert
 from ibert_tvm.runner import Runner, mean_pool
 

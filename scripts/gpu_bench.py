@@ -18,7 +18,7 @@ import numpy as np
 
 from ibert_tvm import artifact, reference
 from ibert_tvm.compile import CompileOptions, compile_program, load_calibrated
-from ibert_tvm.fp32 import fp32_model
+from ibert_tvm.evaluation.fp32 import fp32_model
 from ibert_tvm.importer import convert
 from ibert_tvm.runner import Runner
 

@@ -206,8 +206,8 @@ def test_tune_on_a_board_through_the_tracker(arm_farm, artifact, tmp_path, capsy
     tracker, board_log = arm_farm
     loaded = board_log.read_text().count("load_module")
     from ibert_tvm import cli
+    from ibert_tvm.schedules import cpu, tuning
     from ibert_tvm.targets import PRESETS
-    from schedules import cpu, tuning
 
     texts = tmp_path / "calib.txt"
     texts.write_text("\n".join(CALIB_TEXTS))

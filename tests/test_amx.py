@@ -9,9 +9,9 @@ import pytest
 import tvm
 
 from ibert_tvm import reference, targets
+from ibert_tvm.kernels.attention import context_kernel
 from ibert_tvm.program import INT8, dyadic
-from relay_ops.attention import context_kernel
-from schedules import cpu
+from ibert_tvm.schedules import cpu
 
 
 def test_attention_context_on_the_tiles_equals_numpy():

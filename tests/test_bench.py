@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ibert_tvm import bench, cli
+from ibert_tvm import cli
+from ibert_tvm.evaluation import bench
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +32,8 @@ def test_tvm_fp32_baseline_matches_pytorch(tmp_path):
     import torch
     from conftest import random_inputs, save_checkpoint
 
-    from ibert_tvm.baselines import tvm_fp32_library
-    from ibert_tvm.fp32 import fp32_model, tvm_fp32_session
+    from ibert_tvm.evaluation.baselines import tvm_fp32_library
+    from ibert_tvm.evaluation.fp32 import fp32_model, tvm_fp32_session
 
     net = fp32_model(str(save_checkpoint(tmp_path / "ckpt", "IBertModel")), "IBertModel")
     ids, mask = random_inputs(np.random.default_rng(0), 2, 16)

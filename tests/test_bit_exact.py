@@ -172,7 +172,6 @@ def test_reference_close_to_hf(shape, kind):
     import torch
 
     from ibert_tvm import reference
-
     from ibert_tvm.importer import convert
 
     model = calibrated(kind, SHAPES[shape][0])[0]
@@ -198,7 +197,7 @@ def test_reference_close_to_hf(shape, kind):
 def test_amx_shape_fills_the_tiles_in_every_linear_layer():
     """The premise of the x86-amx case above: its encoder's linear layers all fit the tiles."""
     from ibert_tvm.graph import build_graph
-    from schedules import cpu
+    from ibert_tvm.schedules import cpu
 
     spec, batch, seq = SHAPES["h256-l1-b2-s16"]
     module = build_graph(calibrated("IBertModel", spec)[1], batch, seq).module

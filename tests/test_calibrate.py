@@ -15,8 +15,8 @@ from transformers.models.ibert import quant_modules as qm
 
 from ibert_tvm import checkpoint
 from ibert_tvm.calibrate import CALIBRATION, calibrate, calibrate_texts, check_estimator, percentile_range
-from ibert_tvm.ranges import HEAD_POINTS, HEAD_RANGES, head_ranges
 from ibert_tvm.cli import main
+from ibert_tvm.ranges import HEAD_POINTS, HEAD_RANGES, head_ranges
 
 INIT = 1e-5  # HF's "empty" range, which its first update adds to the first batch's min/max
 INTERMEDIATE = "encoder.layer.0.intermediate.output_activation"  # called once per forward, no residual

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CALIB_TEXTS, Spec, new_model, save_checkpoint
 from safetensors.torch import load_file, save_file
 
-from conftest import CALIB_TEXTS, Spec, new_model, save_checkpoint
-
 from ibert_tvm import build, checkpoint, importer
-from ibert_tvm.ranges import CHANNEL_RANGES
 from ibert_tvm.compile import CompileOptions, compile_model
+from ibert_tvm.ranges import CHANNEL_RANGES
 
 NAN, INF = float("nan"), float("inf")
 

@@ -30,7 +30,7 @@ def default_artifact(tmp_path_factory):
 def sentences() -> list[str]:
     """scripts/accuracy.py's 64 held-out sentences: every 37th movie sentence that is not calibration text."""
     from ibert_tvm.compile import default_calibration_texts
-    from ibert_tvm.data import movie_sentences
+    from ibert_tvm.evaluation.data import movie_sentences
 
     calib = set(default_calibration_texts())
     return [t for _, t in movie_sentences()[1::37] if t not in calib][:64]
@@ -53,7 +53,7 @@ def test_default_model_bit_exact(default_artifact, sentences):
 
 
 def test_default_model_close_to_fp32(default_artifact, sentences):
-    from ibert_tvm.fp32 import fp32_embeddings
+    from ibert_tvm.evaluation.fp32 import fp32_embeddings
     from ibert_tvm.runner import Runner
 
     assert len(sentences) == 64

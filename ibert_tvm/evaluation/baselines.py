@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .files import atomic_file
+from ..files import atomic_file
 
 
 class _PairLinear(nn.Module):
@@ -151,7 +151,7 @@ def _fp32_schedule(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":  # noqa: F
     its leading spatial loops in parallel and its last one vectorized (as our rowwise fallback)."""
     from tvm import s_tir
 
-    from schedules.cpu import _generic, _parallel_vector
+    from ibert_tvm.schedules.cpu import _generic, _parallel_vector
 
     sch = s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
@@ -190,7 +190,7 @@ def tvm_fp32_library(model: nn.Module, batch: int, seq: int, workdir: Path) -> P
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    from .targets import get, tvm_target
+    from ..targets import get, tvm_target
 
     def build(tmp: Path) -> None:
         ids = torch.ones(batch, seq, dtype=torch.int64)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import cache_dir
+from ..files import cache_dir
 
 WARMUP = 3
 OURS, BASE, FLOOR = "ibert-tvm INT8", "PyTorch FP32", "INT8 GEMM floor"
@@ -46,7 +46,7 @@ CACHE = cache_dir()
 def model_dir(name: str) -> Path:
     """The checkpoint of a benchmark model: `default` (MiniLM-L6), or `roberta-base` shaped with
     random weights (no package ships RoBERTa weights; speed does not depend on their values)."""
-    from . import checkpoint
+    from .. import checkpoint
 
     if name != "roberta-base":
         return checkpoint.resolve(name)
@@ -67,8 +67,8 @@ def model_dir(name: str) -> Path:
 def artifact_for(model: str, batch: int, seq: int) -> Path:
     """The INT8 artifact for (model, batch, seq), compiled here once (in the parent: the worker
     that runs it must not import the compiler)."""
-    from . import artifact
-    from .compile import compile_model
+    from .. import artifact
+    from ..compile import compile_model
 
     out = Path(f"artifacts/bench-{model}-{batch}x{seq}")
     opt = compile_options(model, batch=batch, seq_len=seq, out=out, force=True)
@@ -78,7 +78,7 @@ def artifact_for(model: str, batch: int, seq: int) -> Path:
 def compile_options(model: str, **fields) -> "CompileOptions":  # noqa: F821
     """How a benchmark model is loaded and calibrated: `default` by its own rules, the random
     roberta-base on the default calibration sentences."""
-    from .compile import CompileOptions, default_calibration_texts
+    from ..compile import CompileOptions, default_calibration_texts
 
     if model == "default":
         return CompileOptions(model=model, progress=False, **fields)
@@ -115,13 +115,13 @@ def _system(name: str, model: str, batch: int, seq: int, threads: int, lib: Path
         os.environ["TVM_USE_RUNTIME_LIB"] = "1"
         sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
     if name == OURS:
-        from .runner import Runner
+        from ..runner import Runner
 
         r = Runner(lib, threads=threads)
         return lambda: r.run_integer(ids, mask)
     if name == "TVM FP32":
+        from ..runner import use_threads
         from .fp32 import tvm_fp32_session
-        from .runner import use_threads
 
         use_threads(threads)
         session = tvm_fp32_session(lib)
@@ -137,7 +137,7 @@ def _system(name: str, model: str, batch: int, seq: int, threads: int, lib: Path
     if name == FLOOR:
         return _gemm_floor(model, batch, seq)
     if name == "HF quant_mode=True":
-        from .compile import load_calibrated
+        from ..compile import load_calibrated
 
         net, _ = load_calibrated(compile_options(model, seq_len=seq))
     else:
