@@ -57,7 +57,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
     if a.trials is not None and a.trials < 1:
         raise ValueError(f"--trials must be at least 1, got {a.trials}")
     records = tune_model(_options(a), a.trials, a.rpc_tracker, a.key)
-    print(f"{len(records)} tile records in {a.records or 'ibert_tvm/schedules/records'}/")
+    print(f"{len(records)} tile records in {a.records or 'schedules/records'}/")
     return 0
 
 
@@ -211,7 +211,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="compiled batch: inputs run in chunks of this many rows")
     p.add_argument("--seq-len", type=int, default=128, help="longest compiled sequence length (tokens)")
     p.add_argument("--calib-texts", help="text file, one calibration sentence a line (needed when uncalibrated)")
-    p.add_argument("--records", help="tuning records folder (default: ibert_tvm/schedules/records)")
+    p.add_argument("--records", help="tuning records folder (default: schedules/records)")
 
 
 def _calibration_arguments(p: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ class CompileOptions:
     calib_batch: int = 32
     force: bool = False
     progress: bool = True
-    records: Path | None = None  # tuning records folder (default: ibert_tvm/schedules/records)
+    records: Path | None = None  # tuning records folder (default: schedules/records)
     choices: int | None = None  # multiple choice: most choices per question (default 4)
     sign_key: Path | None = None  # Ed25519 private key (PEM): the artifact's manifest is signed with it
 

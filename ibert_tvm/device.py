@@ -31,7 +31,7 @@ KernelSchedule = Callable[["tvm.tirx.PrimFunc", str], "tvm.tirx.PrimFunc"]  # (k
 class Device:
     name: str  # the manifest's target.device
     tunable: bool  # whether `ibert-tvm tune` measures its GEMM tiles (schedules.tuning)
-    # how the GEMMs take activations (kernels.gemm): shifted to u8 by 128, or s8 as they are (0)
+    # how the GEMMs take activations (relay_ops.gemm): shifted to u8 by 128, or s8 as they are (0)
     a_shift: Callable[[Preset], int]
     # the TVM target, code for `threads` threads where the device has a thread pool (None: every CPU)
     tvm_target: Callable[[Preset, int | None], tvm.target.Target]

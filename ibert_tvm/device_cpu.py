@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 def _a_shift(preset: Preset) -> int:
     """x86's `vpdpbusd` (and AMX's `tdpbusd`) multiply u8 by s8; ARM's `sdot` takes s8 x s8."""
-    from ibert_tvm.kernels.gemm import U8_SHIFT
+    from ibert_tvm.relay_ops.gemm import U8_SHIFT
 
     return U8_SHIFT if preset.arch == "x86_64" else 0
 

@@ -16,12 +16,12 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ibert_tvm.kernels.attention import context_kernel, scores_kernel, softmax_kernel
-from ibert_tvm.kernels.common import Kernel
-from ibert_tvm.kernels.embedding import embedding_kernel
-from ibert_tvm.kernels.gemm import U8_SHIFT
-from ibert_tvm.kernels.layernorm import layer_norm_kernel
-from ibert_tvm.kernels.linear import (
+from ibert_tvm.relay_ops.attention import context_kernel, scores_kernel, softmax_kernel
+from ibert_tvm.relay_ops.common import Kernel
+from ibert_tvm.relay_ops.embedding import embedding_kernel
+from ibert_tvm.relay_ops.gemm import U8_SHIFT
+from ibert_tvm.relay_ops.layernorm import layer_norm_kernel
+from ibert_tvm.relay_ops.linear import (
     gelu_epilogue,
     linear_kernel,
     raw_epilogue,
@@ -110,7 +110,7 @@ def build_graphs(p: IntProgram, batch: int, seqs: list[int], a_shift: int = U8_S
 
 def build_graph(p: IntProgram, batch: int, seq: int, a_shift: int = U8_SHIFT, name: str = "main",
                 bucketed: bool = False, choices: int = 1) -> Graph:
-    """`a_shift`: how the target's GEMMs take activations (kernels.gemm); outputs never change.
+    """`a_shift`: how the target's GEMMs take activations (relay_ops.gemm); outputs never change.
     Multiple choice takes [batch, choices, seq] inputs and runs the encoder on batch * choices rows."""
     if seq > p.max_positions - p.pad_id - 1:
         raise ValueError(f"seq_len {seq} exceeds the model's {p.max_positions - p.pad_id - 1} positions")

@@ -34,7 +34,7 @@ class Preset:
 
     @property
     def a_shift(self) -> int:
-        """How the GEMMs take activations (kernels.gemm): u8 (+128) or s8 (0)."""
+        """How the GEMMs take activations (relay_ops.gemm): u8 (+128) or s8 (0)."""
         return self.device_kind.a_shift(self)
 
     def cross_compiler(self) -> str | None:

@@ -9,8 +9,8 @@ import pytest
 import tvm
 
 from ibert_tvm import reference, targets
-from ibert_tvm.kernels.attention import context_kernel
 from ibert_tvm.program import INT8, dyadic
+from ibert_tvm.relay_ops.attention import context_kernel
 from ibert_tvm.schedules import cpu
 
 

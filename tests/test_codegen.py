@@ -10,8 +10,8 @@ import pytest
 import tvm
 
 from ibert_tvm import build, targets
-from ibert_tvm.kernels.linear import linear_kernel, requant_epilogue
 from ibert_tvm.program import INT8, Linear, dyadic
+from ibert_tvm.relay_ops.linear import linear_kernel, requant_epilogue
 
 
 def gemm_asm(preset: str, m: int = 8, n: int = 64, k: int = 32) -> str:

@@ -22,7 +22,7 @@ from ibert_tvm.device import Device
 # callable members -> how many arguments their callers pass
 ARITY = {"a_shift": 1, "tvm_target": 2, "scheduler": 2, "compile": 2, "export": 3, "runtime_device": 1}
 DEVICE_MODULES = set(REPO.glob("ibert_tvm/device*.py"))
-SOURCES = [p for d in ("ibert_tvm", "scripts") for p in sorted((REPO / d).rglob("*.py"))]
+SOURCES = [p for d in ("ibert_tvm", "relay_ops", "schedules", "scripts") for p in sorted((REPO / d).rglob("*.py"))]
 
 
 def test_every_preset_device_provides_the_interface():
@@ -71,7 +71,7 @@ def test_runtime_side_loads_without_the_compiler():
     """The runner's way to a device (targets, every device module, the CPU's runtime device) with
     TVM's runtime library alone, as on a board: no schedules, kernels or TVM compiler packages."""
     probe = ("import sys; from ibert_tvm.targets import DEVICE_KINDS; DEVICE_KINDS['cpu'].runtime_device(None); "
-             "print(sorted(m for m in sys.modules if m.startswith(('ibert_tvm.schedules', 'ibert_tvm.kernels')) "
+             "print(sorted(m for m in sys.modules if m.startswith(('ibert_tvm.schedules', 'ibert_tvm.relay_ops')) "
              "or m.startswith(('tvm.relax', 'tvm.s_tir', 'ibert_tvm.build', 'ibert_tvm.graph'))))")
     env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=REPO)

@@ -50,7 +50,7 @@ def tvm_isqrt():
     from tvm import te
 
     from ibert_tvm import targets
-    from ibert_tvm.kernels.common import isqrt_stages
+    from ibert_tvm.relay_ops.common import isqrt_stages
 
     size = 64
     n = te.placeholder((size,), "int64", name="n")
@@ -132,7 +132,7 @@ def test_dyadic_rejects_bounds_that_leave_too_few_bits():
 @settings(max_examples=300, deadline=None)
 @given(d=st.integers(1, 2**24), n_max=st.integers(0, 2**30), data=st.data())
 def test_reciprocal_is_exact_division(d, n_max, data):
-    from ibert_tvm.kernels.common import reciprocal
+    from ibert_tvm.relay_ops.common import reciprocal
 
     m, s = reciprocal(d, n_max)
     ns = data.draw(st.lists(st.integers(0, n_max), min_size=1, max_size=50)) + [n_max, n_max - n_max % d, 0]

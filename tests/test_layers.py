@@ -11,21 +11,22 @@ from pathlib import Path
 
 from conftest import REPO
 
-PACKAGES = ("ibert_tvm",)
+# installed name -> folder (pyproject's package-dir keeps the design's folders at the root)
+PACKAGES = {"ibert_tvm": "ibert_tvm", "ibert_tvm.relay_ops": "relay_ops", "ibert_tvm.schedules": "schedules"}
 RUNTIME = ("ibert_tvm.runner", "ibert_tvm.tasks", "ibert_tvm.artifact", "ibert_tvm.manifest", "ibert_tvm.remote",
            "ibert_tvm.signing", "ibert_tvm.files")
 # what a deployed runner must never load: our compiler's modules, TVM's Relax compiler, torch
 # (`import tvm` itself loads tvm.te and tvm.tirx; TVM_USE_RUNTIME_LIB=1 keeps Relax out)
 COMPILER = ("torch", "transformers", "ibert_tvm.importer", "ibert_tvm.graph", "ibert_tvm.build", "ibert_tvm.compile",
             "ibert_tvm.calibrate", "ibert_tvm.checkpoint", "ibert_tvm.program", "ibert_tvm.reference",
-            "ibert_tvm.kernels", "ibert_tvm.schedules", "ibert_tvm.evaluation", "tvm.relax")
+            "ibert_tvm.relay_ops", "ibert_tvm.schedules", "ibert_tvm.evaluation", "tvm.relax")
 
 
 def modules() -> dict[str, Path]:
     found = {}
-    for pkg in PACKAGES:
-        for f in sorted((REPO / pkg).rglob("*.py")):
-            parts = f.relative_to(REPO).with_suffix("").parts
+    for pkg, folder in PACKAGES.items():
+        for f in sorted((REPO / folder).rglob("*.py")):
+            parts = (*pkg.split("."), *f.relative_to(REPO / folder).with_suffix("").parts)
             found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
     return found
 

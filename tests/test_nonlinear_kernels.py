@@ -9,9 +9,9 @@ import tvm
 
 from ibert_tvm import reference, targets
 from ibert_tvm.importer import iexp, tanh_of
-from ibert_tvm.kernels.attention import softmax_kernel
-from ibert_tvm.kernels.linear import linear_kernel, tanh_epilogue
 from ibert_tvm.program import EXP_CONST, INT16, Linear, Softmax
+from ibert_tvm.relay_ops.attention import softmax_kernel
+from ibert_tvm.relay_ops.linear import linear_kernel, tanh_epilogue
 from ibert_tvm.schedules import cpu
 
 

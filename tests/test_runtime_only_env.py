@@ -23,7 +23,7 @@ from conftest import REPO, ci_setup_failed, random_inputs
 
 from ibert_tvm.files import cache_dir
 
-PACKAGES = ("ibert_tvm",)
+PACKAGES = ("ibert_tvm", "relay_ops", "schedules")  # the folders installed as ibert_tvm.*
 NO_INDEX = ("NewConnectionError", "Temporary failure in name resolution", "Network is unreachable",
             "Max retries exceeded", "ConnectTimeout", "ProxyError")
 

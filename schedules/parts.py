@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from tvm import s_tir
 from tvm.s_tir.schedule import SBlockRV
 
-from ibert_tvm.kernels.gemm import PART_KEY, Part
+from ibert_tvm.relay_ops.gemm import PART_KEY, Part
 
 
 @dataclass(frozen=True)

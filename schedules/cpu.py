@@ -18,7 +18,7 @@ from itertools import takewhile
 
 from tvm import s_tir, tirx
 
-from ibert_tvm.kernels.gemm import GROUP, LANES, packable
+from ibert_tvm.relay_ops.gemm import GROUP, LANES, packable
 
 from .intrin import AMX_K, AMX_M, AMX_N, SDOT_INTRIN, VNNI_INTRIN, amx_intrin
 from .parts import GemmParts, gemm_parts
