@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from . import tasks
+from . import __version__, tasks
 from .model_classes import TASKS
 from .runner import Runner
 
@@ -382,6 +383,7 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ibert-tvm", description=__doc__, formatter_class=Formatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True,
                            parser_class=partial(argparse.ArgumentParser, formatter_class=Formatter))
     for add in COMMANDS:
@@ -389,10 +391,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+COMPILER_PACKAGES = ("torch", "transformers", "tqdm", "xgboost")  # the `compile` extra's
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return args.fn(args)
+        rc = args.fn(args)
+        sys.stdout.flush()  # here, where a closed pipe is handled, not at exit
+        return rc
+    except BrokenPipeError:  # output piped into `head`, which stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor is the flush at exit
+        return 0
+    except ModuleNotFoundError as err:
+        if err.name and err.name.split(".")[0] in COMPILER_PACKAGES:
+            print(f"ibert-tvm: error: `{args.cmd}` needs the compiler, which this install lacks ({err.name}): "
+                  'pip install "ibert-tvm[compile]"', file=sys.stderr)
+            return 2
+        raise
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"ibert-tvm: error: {err}", file=sys.stderr)
         return 2

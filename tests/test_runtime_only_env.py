@@ -136,3 +136,11 @@ def test_cli_entry_point_runs_without_torch(runtime_python, artifact, capsys):
     assert res.returncode == 0, res.stderr[-3000:]
     assert cli.main(["run", str(artifact.path), "the film was good", "--json"]) == 0
     assert json.loads(res.stdout) == json.loads(capsys.readouterr().out)
+
+
+def test_compiler_command_in_a_runtime_install_says_what_to_install(runtime_python, artifact):
+    exe = runtime_python.parent / "ibert-tvm"
+    res = subprocess.run([str(exe), "compile", "--model", str(artifact.checkpoint), "-o", "unused"],
+                         capture_output=True, text=True, env=clean_env())
+    assert res.returncode == 2 and 'pip install "ibert-tvm[compile]"' in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
