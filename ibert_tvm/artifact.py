@@ -373,9 +373,7 @@ def write(stage: Staging, fill: Callable[[Path], Manifest], sign_key: Path | Non
     for p in stage.dir.iterdir():
         readable(p, 0o777 if p.name == LIBRARY else 0o666)
     files = {p.name: sha256(p) for p in sorted(stage.dir.iterdir()) if p.is_file()}
-    manifest = Manifest(**{**vars(manifest), "files": files})
-    manifest.validate(str(stage.out / MANIFEST))
-    data = manifest.to_json()
+    data = Manifest(**{**vars(manifest), "files": files}).to_json()
     (stage.dir / MANIFEST).write_bytes(data)
     if sign_key is not None:
         (stage.dir / SIGNATURE).write_bytes(sign(data, sign_key))

@@ -31,7 +31,7 @@ def tune_graph(graph: Graph, preset: targets.Preset, trials: int | None = None, 
     Here, kernels are timed with the thread count the runner will use (every CPU of this process);
     with `tracker` (HOST:PORT) and `key`, on a device of that kind from the RPC tracker."""
     from . import remote
-    from .runner import use_threads
+    from .threads import use_threads
 
     if not preset.device_kind.tunable:
         raise ValueError(f"tile tuning measures CPU kernels; {preset.name} is a {preset.device} target")

@@ -99,24 +99,24 @@ def compile_model(opt: CompileOptions) -> Path:
     (checked, locked) before the model is loaded: a second compile to it fails at once."""
     from .importer import convert
 
-    _preflight(opt)
+    preset = _preflight(opt)
     with artifact.Staging(Path(opt.out), opt.force) as stage:
         model, path = load_calibrated(opt)
-        return _compile_into(stage, convert(model), path, opt)
+        return _compile_into(stage, preset, convert(model), path, opt)
 
 
 def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptions) -> Path:
     """Integer program -> scheduled library -> artifact (tokenizer taken from `checkpoint_dir`)."""
-    _preflight(opt)
+    preset = _preflight(opt)
     with artifact.Staging(Path(opt.out), opt.force) as stage:
-        return _compile_into(stage, program, checkpoint_dir, opt)
+        return _compile_into(stage, preset, program, checkpoint_dir, opt)
 
 
-def _compile_into(stage: artifact.Staging, program: IntProgram, checkpoint_dir: Path, opt: CompileOptions) -> Path:
+def _compile_into(stage: artifact.Staging, preset: targets.Preset, program: IntProgram, checkpoint_dir: Path,
+                  opt: CompileOptions) -> Path:
     from .build import compile_graph
     from .graph import INPUTS, build_graphs
 
-    preset = _preflight(opt)
     tok_file = checkpoint_dir / artifact.TOKENIZER
     seq_lens = sorted({*opt.buckets, opt.seq_len})
     choices = opt.choices_for(program)

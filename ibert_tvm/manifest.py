@@ -141,24 +141,17 @@ def canonical(obj: Any) -> str:
 
 
 def first_difference(a: Any, b: Any, path: str = "") -> str | None:
-    """The dotted path of the first place where two JSON values differ, or None."""
+    """The path (`outputs[0].scale[1]`) of the first place where two JSON values differ, or None."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
-            if key not in a or key not in b:
-                return f"{path}.{key}".lstrip(".")
-            found = first_difference(a[key], b[key], f"{path}.{key}")
+            where = f"{path}.{key}" if path else key
+            found = where if key not in a or key not in b else first_difference(a[key], b[key], where)
             if found:
-                return found.lstrip(".")
+                return found
         return None
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return path.lstrip(".") or "(root)"
-        for i, (x, y) in enumerate(zip(a, b)):
-            found = first_difference(x, y, f"{path}[{i}]")
-            if found:
-                return found.lstrip(".")
-        return None
-    return None if a == b and type(a) is type(b) else (path.lstrip(".") or "(root)")
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return next((f for i, (x, y) in enumerate(zip(a, b)) if (f := first_difference(x, y, f"{path}[{i}]"))), None)
+    return None if a == b and type(a) is type(b) else (path or "(root)")
 
 
 def _parse(cls: type, raw: Any, where: str, path: str = "") -> Any:

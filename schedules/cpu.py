@@ -108,7 +108,7 @@ def schedule(func: tirx.PrimFunc, isa: Isa, tiles: Tiles | None = None) -> tirx.
     if func.attrs["ibert.kind"] == "rowwise" and _rowwise(sch):
         return sch.mod["main"]
     sch = s_tir.Schedule(func)
-    _generic(sch)
+    generic(sch)
     return sch.mod["main"]
 
 
@@ -143,7 +143,7 @@ def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, tiles: Tiles | None) 
                                          (parts.activation, None if columns_first else oi0)) if blk is not None]
     for blk, at in staged:
         if at is None:
-            _parallel_vector(sch, blk)
+            parallel_vector(sch, blk)
         else:
             sch.compute_at(blk, at, preserve_unit_loops=False)
     sch.parallel(par)
@@ -181,7 +181,7 @@ def _vectorize_inner(sch: s_tir.Schedule, blk) -> None:
         sch.vectorize(sch.split(loops[-1], [None, LANES])[1])
 
 
-def _parallel_vector(sch: s_tir.Schedule, blk) -> None:
+def parallel_vector(sch: s_tir.Schedule, blk) -> None:
     """Leading spatial loops run in parallel; a fully spatial block's last loop in 16 lanes."""
     loops = sch.get_loops(blk)
     kinds = [iv.iter_type for iv in sch.get(blk).iter_vars]
@@ -227,8 +227,8 @@ def _rowwise(sch: s_tir.Schedule) -> bool:
     return True
 
 
-def _generic(sch: s_tir.Schedule) -> None:
+def generic(sch: s_tir.Schedule) -> None:
     """Every block: its leading spatial loops in parallel, its last spatial loop vectorized."""
     for blk in sch.get_child_blocks(sch.get_sblock("root")):
         if sch.get_loops(blk):
-            _parallel_vector(sch, blk)
+            parallel_vector(sch, blk)

@@ -151,7 +151,7 @@ def _fp32_schedule(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":  # noqa: F
     its leading spatial loops in parallel and its last one vectorized (as our rowwise fallback)."""
     from tvm import s_tir
 
-    from ibert_tvm.schedules.cpu import _generic, _parallel_vector
+    from ibert_tvm.schedules.cpu import generic, parallel_vector
 
     sch = s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
@@ -160,7 +160,7 @@ def _fp32_schedule(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":  # noqa: F
     try:
         blk = sch.get_sblock("matmul")
     except s_tir.ScheduleError:
-        _generic(sch)
+        generic(sch)
         return sch.mod["main"]
     *batch, i, j, k = sch.get_loops(blk)
     rows, cols = (4 if int(sch.get(i).extent) % 4 == 0 else 1), (16 if int(sch.get(j).extent) % 16 == 0 else 1)
@@ -179,7 +179,7 @@ def _fp32_schedule(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":  # noqa: F
     for other in sch.get_child_blocks(sch.get_sblock("root")):  # fused epilogues (bias, GELU): own loops
         loops = sch.get_loops(other)
         if loops and not sch.get(loops[0]).same_as(sch.get(par)):
-            _parallel_vector(sch, other)
+            parallel_vector(sch, other)
     return sch.mod["main"]
 
 

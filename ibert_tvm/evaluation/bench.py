@@ -120,7 +120,7 @@ def _system(name: str, model: str, batch: int, seq: int, threads: int, lib: Path
         r = Runner(lib, threads=threads)
         return lambda: r.run_integer(ids, mask)
     if name == "TVM FP32":
-        from ..runner import use_threads
+        from ..threads import use_threads
         from .fp32 import tvm_fp32_session
 
         use_threads(threads)
