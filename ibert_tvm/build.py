@@ -13,9 +13,10 @@ from . import targets
 from .graph import Graph
 
 
-def schedule_module(mod: tvm.IRModule, preset: targets.Preset, records: Path = tuning.RECORDS) -> tvm.IRModule:
-    """Replace every integer kernel by its hand-scheduled version, with tuned tiles if recorded."""
-    sched = preset.device_kind.scheduler(preset, records)
+def schedule_module(mod: tvm.IRModule, preset: targets.Preset, records: Path | None = None) -> tvm.IRModule:
+    """Replace every integer kernel by its hand-scheduled version, with tuned tiles if recorded
+    (shipped, overlaid by `records`' or, by default, the user's cache's: `tuning.load`)."""
+    sched = preset.device_kind.scheduler(preset, records or tuning.user_records())
     out = tvm.IRModule()
     for gv, func in mod.functions.items():
         if isinstance(func, tvm.tirx.PrimFunc) and "ibert.kind" in func.attrs:
@@ -25,8 +26,8 @@ def schedule_module(mod: tvm.IRModule, preset: targets.Preset, records: Path = t
 
 
 def tune_graph(graph: Graph, preset: targets.Preset, trials: int | None = None, tracker: str | None = None,
-               key: str | None = None, records: Path = tuning.RECORDS, progress: bool = True) -> dict[str, list[int]]:
-    """Tune this graph's GEMM tiles; records go to `records`/<cpu>.json.
+               key: str | None = None, records: Path | None = None, progress: bool = True) -> dict[str, list[int]]:
+    """Tune this graph's GEMM tiles; records go to `records`/<cpu>.json (default: the user's cache).
 
     Here, kernels are timed with the thread count the runner will use (every CPU of this process);
     with `tracker` (HOST:PORT) and `key`, on a device of that kind from the RPC tracker."""
@@ -49,6 +50,6 @@ def tune_graph(graph: Graph, preset: targets.Preset, trials: int | None = None, 
 
 
 def compile_graph(graph: Graph, preset: targets.Preset, threads: int | None = None,
-                  records: Path = tuning.RECORDS) -> relax.VMExecutable:
+                  records: Path | None = None) -> relax.VMExecutable:
     mod = schedule_module(graph.module, preset, records)
     return preset.device_kind.compile(mod, targets.tvm_target(preset, threads))

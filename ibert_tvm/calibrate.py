@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import math
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
@@ -29,10 +30,8 @@ from transformers.models.ibert import quant_modules as qm
 
 from . import checkpoint
 from .model_classes import REGISTRY
-from .ranges import CHANNEL_ACTS, CHANNEL_RANGES, HEAD_POINTS, HEAD_RANGES
+from .ranges import CHANNEL_ACTS, CHANNEL_RANGES, ESTIMATORS, HEAD_POINTS, HEAD_RANGES, Estimator
 
-Estimator = Literal["ema", "minmax", "percentile"]
-ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 EMA_MOMENTUM = 0.95  # HF QuantAct's default
 RUNNING_MINMAX = -1  # the act_range_momentum that makes HF's QuantAct keep a running min/max
 DEFAULT_PERCENTILE = 99.99
@@ -42,6 +41,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spec
 CALIBRATION = "calibration.json"
 
 _QUANT_ACT_FORWARD = inspect.signature(qm.QuantAct.forward)
+log = logging.getLogger(__name__)
 
 
 def check_estimator(estimator: str, percentile: float = DEFAULT_PERCENTILE) -> None:
@@ -201,9 +201,15 @@ def calibrate_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer_file
     if not any(t.strip() for t in texts):
         raise ValueError("calibration text is empty")
     batches = tokenizer_batches(tokenizer_file, list(texts), batch_size, seq_len, model.config.pad_token_id)
+    log.info("calibrating activation ranges (%s) on %d sentences", estimator, len(texts))
     if REGISTRY[type(model).__name__].choice_axis:  # [batch, choices, seq]: each sentence is one choice
         batches = [{k: v[:, None] for k, v in b.items()} for b in batches]
     return calibrate(model, batches, progress=progress, estimator=estimator, percentile=percentile)
+
+
+def text_lines(text: str) -> list[str]:
+    """One sentence a line: the non-empty lines, stripped."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def read_texts(path: Path) -> list[str]:
@@ -211,7 +217,7 @@ def read_texts(path: Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"calibration text file {path} does not exist")
-    texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    texts = text_lines(path.read_text(encoding="utf-8"))
     if not texts:
         raise ValueError(f"calibration text file {path} has no non-empty lines")
     return texts

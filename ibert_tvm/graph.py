@@ -43,17 +43,17 @@ class Graph:
 
 
 class _Emitter:
-    """Adds kernels as `names.bucket_symbol(seq, name)` (unique across the functions of one
-    module; `seq` None: the plain name) and their constants as parameters named without it (the
-    same arrays for every length)."""
+    """Adds kernels as `names.bucket_symbol(*bucket, name)` (unique across the functions of one
+    module; `bucket` None: the plain name) and their constants as parameters named without it (the
+    same arrays for every bucket)."""
 
-    def __init__(self, bb: relax.BlockBuilder, seq: int | None):
-        self.bb, self.seq = bb, seq
+    def __init__(self, bb: relax.BlockBuilder, bucket: tuple[int, int] | None):
+        self.bb, self.bucket = bb, bucket
         self.params: list[tuple[str, np.ndarray]] = []
         self.param_vars: list[relax.Var] = []
 
     def call(self, k: Kernel, *args: relax.Expr) -> relax.Var:
-        symbol = k.name if self.seq is None else bucket_symbol(self.seq, k.name)
+        symbol = k.name if self.bucket is None else bucket_symbol(*self.bucket, k.name)
         gv = self.bb.add_func(k.func.with_attr("global_symbol", symbol), symbol)
         consts = []
         for i, arr in enumerate(k.consts):
@@ -95,16 +95,18 @@ class Encoded:
         return dict(x_shape=(self.flat, self.seq, self.p.hidden), read=lambda t, r, k: t[r, 0, k])
 
 
-def build_graphs(p: IntProgram, batch: int, seqs: list[int], a_shift: int = U8_SHIFT, choices: int = 1) -> Graph:
-    """One module with a function per compiled sequence length (`function_name`), their kernels
-    named by `names.bucket_symbol`, all taking the same parameters."""
+def build_graphs(p: IntProgram, batches: list[int], seqs: list[int], a_shift: int = U8_SHIFT,
+                 choices: int = 1) -> Graph:
+    """One module with a function per compiled (batch, length) bucket (`function_name`), their
+    kernels named by `names.bucket_symbol`, all taking the same parameters: weights stored once."""
     module, params = tvm.IRModule(), None
-    for seq in sorted(set(seqs)):
-        g = build_graph(p, batch, seq, a_shift, function_name(seq), True, choices)
-        if params is not None and [n for n, _ in g.params] != [n for n, _ in params]:
-            raise AssertionError("sequence-length buckets disagree on their parameters")
-        params = g.params
-        module.update(g.module)
+    for batch in sorted(set(batches)):
+        for seq in sorted(set(seqs)):
+            g = build_graph(p, batch, seq, a_shift, function_name(batch, seq), True, choices)
+            if params is not None and [n for n, _ in g.params] != [n for n, _ in params]:
+                raise AssertionError("buckets disagree on their parameters")
+            params = g.params
+            module.update(g.module)
     return Graph(module, params or [])
 
 
@@ -122,7 +124,7 @@ def build_graph(p: IntProgram, batch: int, seq: int, a_shift: int = U8_SHIFT, na
     linear = partial(linear_kernel, a_shift=a_shift)
     bb = relax.BlockBuilder()
     ins = [relax.Var(n, relax.TensorType(p.input_shape(batch, seq, choices), "int32")) for n in INPUTS]
-    em = _Emitter(bb, seq if bucketed else None)
+    em = _Emitter(bb, (batch, seq) if bucketed else None)
     # Parameters are only known once the body is emitted: build the body in a dataflow block of a
     # function whose parameter list is completed afterwards.
     with bb.function(name):

@@ -15,7 +15,8 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
-FORMAT_VERSION = 4  # 2: sequence-length buckets; 3: every IBert class; 4: schema, type vocabulary, sealed manifest
+# 2: sequence-length buckets; 3: every IBert class; 4: schema, type vocabulary, sealed manifest; 5: batch buckets
+FORMAT_VERSION = 5
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -54,13 +55,34 @@ class TokenizerInfo:
 
 
 @dataclass(frozen=True)
+class Bucket:
+    """A function of the library: it runs exactly `batch` sequences of `seq_len` tokens."""
+
+    batch: int
+    seq_len: int
+    function: str
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How feature extraction turns token vectors into one sentence vector (sentence-transformers'
+    `1_Pooling` and `2_Normalize`)."""
+
+    mode: str  # one of POOLING_MODES
+    normalize: bool
+
+
+POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens")
+
+
+@dataclass(frozen=True)
 class Manifest:
     model_class: str
     source: str
     target: Target
-    batch: int
-    seq_len: int
-    buckets: dict[str, str]  # compiled length -> function name
+    batches: list[int]  # compiled batch sizes, ascending
+    seq_len: int  # the longest compiled length
+    buckets: list[Bucket]  # every (batch, length) pair of the compiled batches and lengths
     vocab_size: int
     type_vocab_size: int
     pad_id: int
@@ -71,6 +93,7 @@ class Manifest:
     tokenizer: TokenizerInfo
     params: list[str]  # the library's parameters, in call order
     packages: dict[str, str]
+    pooling: Pooling | None = None  # a sentence-transformers model's pooling; None: not one
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256; filled when written
     format_version: int = FORMAT_VERSION
 
@@ -110,13 +133,19 @@ class Manifest:
             if not ok:
                 raise ArtifactError(f"{where}: field {name} {why}")
 
-        for name in ("batch", "seq_len", "vocab_size", "type_vocab_size"):
+        for name in ("seq_len", "vocab_size", "type_vocab_size"):
             need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
         need(0 <= self.pad_id < self.vocab_size, "pad_id", f"must lie in [0, vocab_size={self.vocab_size})")
         need(self.choices is None or self.choices >= 1, "choices", f"must be at least 1 or null, got {self.choices}")
-        lengths = [int(k) if k.isdigit() else -1 for k in self.buckets]
-        need(all(1 <= n <= self.seq_len for n in lengths) and self.seq_len in lengths, "buckets",
-             f"must map lengths in [1, seq_len={self.seq_len}], seq_len among them, got {sorted(self.buckets)}")
+        need(bool(self.batches) and self.batches == sorted(set(self.batches)) and self.batches[0] >= 1, "batches",
+             f"must be distinct positive sizes in ascending order, got {self.batches}")
+        lengths = sorted({b.seq_len for b in self.buckets})
+        need(bool(lengths) and lengths[0] >= 1 and lengths[-1] == self.seq_len, "buckets",
+             f"must hold lengths in [1, seq_len={self.seq_len}], seq_len among them, got {lengths}")
+        pairs = sorted((b.batch, b.seq_len) for b in self.buckets)
+        need(pairs == [(n, s) for n in self.batches for s in lengths], "buckets",
+             f"must hold each compiled batch {self.batches} at each compiled length {lengths} once")
+        need(len({b.function for b in self.buckets}) == len(self.buckets), "buckets", "must name distinct functions")
         need(len(self.outputs) >= 1, "outputs", "is empty")
         for i, o in enumerate(self.outputs):
             need(len(o.scale) >= 1 and all(math.isfinite(s) for s in o.scale), f"outputs[{i}].scale",
@@ -127,6 +156,8 @@ class Manifest:
         for name, digest in self.files.items():
             need(is_plain_name(name), "files", f"names {name!r}, not a plain file name inside the artifact")
             need(bool(_SHA256.fullmatch(digest)), f"files[{name!r}]", "is not a sha256 hex digest")
+        need(self.pooling is None or self.pooling.mode in POOLING_MODES, "pooling.mode",
+             f"must be one of {', '.join(POOLING_MODES)}")
         tok = self.tokenizer.file
         need(tok is None or tok in self.files, "tokenizer.file", f"names {tok!r}, which files does not list")
 
@@ -193,7 +224,8 @@ def _value(hint: Any, v: Any, where: str, name: str) -> Any:
         return {k: _value(args[1], x, where, f"{name}[{k!r}]") for k, x in v.items()}
     if hint is Any:
         return v
-    ok = {int: lambda x: type(x) is int, float: lambda x: type(x) in (int, float), str: lambda x: type(x) is str}
+    ok = {int: lambda x: type(x) is int, float: lambda x: type(x) in (int, float), str: lambda x: type(x) is str,
+          bool: lambda x: type(x) is bool}
     if not ok[hint](v):
         raise ArtifactError(f"{where}: field {name} must be {hint.__name__}, got {json.dumps(v)[:40]}")
     return float(v) if hint is float else v

@@ -6,7 +6,7 @@ whether its inputs carry a choice axis, and the name of its head function. Each 
 (`importer.py`: torch module -> program head fields, `reference.py`: NumPy, `graph.py`: Relax)
 defines a function of that name; a new class is one entry here plus those three functions.
 
-Standard library only: the runtime (runner, tasks, the CLI's parser) reads this table without
+Standard library only: the runtime (runner, pipelines, the CLI's parser) reads this table without
 NumPy, torch or TVM. Heads are therefore named, not imported, and resolved when a stage calls one.
 """
 
@@ -42,7 +42,7 @@ class Output:
 @dataclass(frozen=True)
 class ModelClass:
     name: str  # transformers' class name
-    task: str  # the pipeline task (tasks.py, `ibert-tvm run --task`) that serves it
+    task: str  # transformers' pipeline task that serves it (pipelines.py, `ibert-tvm run --task`)
     outputs: tuple[Output, ...]  # in the order the compiled function returns them
     head: str  # the name of its head function in importer.py, reference.py and graph.py
     choice_axis: bool = False  # inputs are [batch, choices, seq], not [batch, seq]
@@ -75,15 +75,15 @@ START_LOGITS = Output("start_logits", "int32", 1, lambda p, b, s, c: [b, s], lam
 END_LOGITS = Output("end_logits", "int32", 1, lambda p, b, s, c: [b, s], lambda p: p.logit_scales[1:])
 
 REGISTRY: dict[str, ModelClass] = {c.name: c for c in (
-    ModelClass("IBertModel", "embed", (LAST_HIDDEN_STATE, POOLER_OUTPUT), "encoder_head"),
+    ModelClass("IBertModel", "feature-extraction", (LAST_HIDDEN_STATE, POOLER_OUTPUT), "encoder_head"),
     ModelClass("IBertForMaskedLM", "fill-mask", (_logits(lambda p, b, s, c: [b, s, p.vocab], seq_axis=1),),
                "masked_lm_head"),
-    ModelClass("IBertForSequenceClassification", "classify",
+    ModelClass("IBertForSequenceClassification", "text-classification",
                (_logits(lambda p, b, s, c: [b, len(p.label_names)]),), "sequence_classification_head"),
-    ModelClass("IBertForMultipleChoice", "choose", (_logits(lambda p, b, s, c: [b, c]),), "multiple_choice_head",
+    ModelClass("IBertForMultipleChoice", "multiple-choice", (_logits(lambda p, b, s, c: [b, c]),), "multiple_choice_head",
                choice_axis=True),
-    ModelClass("IBertForTokenClassification", "tag",
+    ModelClass("IBertForTokenClassification", "token-classification",
                (_logits(lambda p, b, s, c: [b, s, len(p.label_names)], seq_axis=1),), "token_classification_head"),
-    ModelClass("IBertForQuestionAnswering", "answer", (START_LOGITS, END_LOGITS), "question_answering_head"),
+    ModelClass("IBertForQuestionAnswering", "question-answering", (START_LOGITS, END_LOGITS), "question_answering_head"),
 )}
 TASKS: dict[str, str] = {c.task: c.name for c in REGISTRY.values()}  # task -> the class it needs

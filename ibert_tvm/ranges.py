@@ -6,7 +6,11 @@ schema sits here so that none of those modules has to import another for it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
+
+# how calibration estimates a range (calibrate.py); here so that the CLI's parser needs no torch
+Estimator = Literal["ema", "minmax", "percentile"]
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 
 # HF's QuantAct starts its range at 0 and a quantization scale of a zero range is clamped to
 # 1e-5 / 127; a range no larger than this never saw data

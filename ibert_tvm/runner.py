@@ -14,7 +14,7 @@ import ctypes
 import gc
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,6 @@ import numpy as np
 from . import artifact
 from .targets import DEVICE_KINDS, check_runnable
 from .threads import use_threads
-
-CHUNK = 64  # texts tokenized and run at a time by the text helpers: memory follows the chunk, not the input
 
 
 class Runner:
@@ -88,8 +86,9 @@ class Runner:
             params = [self._tensor(a, self._dev) for a in params]
         else:
             lib = _load_library(library, m.files[artifact.LIBRARY])
-        self.batch, self.seq_len = m.batch, m.seq_len
-        self.buckets: dict[int, str] = {int(n): f for n, f in sorted(m.buckets.items(), key=lambda b: int(b[0]))}
+        self.batches, self.seq_len = list(m.batches), m.seq_len
+        self.lengths = sorted({b.seq_len for b in m.buckets})
+        self.functions = {(b.batch, b.seq_len): b.function for b in m.buckets}
         self.vocab, self.type_vocab, self.pad_id = m.vocab_size, m.type_vocab_size, m.pad_id
         self.model_class: str = m.model_class
         self.choices: int | None = m.choices  # multiple choice: inputs are [n, choices, seq]
@@ -124,16 +123,20 @@ class Runner:
 
     def bucket(self, tokens: int) -> int:
         """The shortest compiled length that holds `tokens`."""
-        return next(n for n in self.buckets if n >= tokens)
+        return next(n for n in self.lengths if n >= tokens)
 
-    def tokenize(self, texts: Sequence[str | tuple[str, str]] | str, truncate: bool = False) -> list[Any]:
-        """`tokenizers` encodings of texts or (text, text) pairs; over-long text raises unless `truncate`."""
+    def plan(self, rows: int) -> list[int]:
+        """The compiled batch sizes whose calls cover `rows` rows at the least cost (see `plan_batches`)."""
+        return plan_batches(rows, self.batches)
+
+    def tokenize(self, texts: Sequence[str | tuple[str, str]] | str, truncation: bool = False) -> list[Any]:
+        """`tokenizers` encodings of texts or (text, text) pairs; over-long text raises unless `truncation`."""
         texts = check_texts(texts)
         encodings = self.tokenizer.encode_batch(texts)
         long = [i for i, e in enumerate(encodings) if len(e.ids) > self.seq_len]
-        if long and not truncate:
+        if long and not truncation:
             raise ValueError(f"text {long[0]} is {len(encodings[long[0]].ids)} tokens, longer than the compiled "
-                             f"length {self.seq_len} (truncate=True / --truncate cuts it)")
+                             f"length {self.seq_len} (truncation=True / --truncate cuts it)")
         if long:  # the tokenizer truncates before adding special tokens: [SEP] / </s> stay
             from tokenizers import Tokenizer
 
@@ -153,19 +156,11 @@ class Runner:
             ids[i, : len(e.ids)], mask[i, : len(e.ids)], types[i, : len(e.ids)] = e.ids, 1, e.type_ids
         return ids, mask, types
 
-    def encode(self, texts: Sequence[str | tuple[str, str]] | str, truncate: bool = False) -> dict[str, np.ndarray]:
+    def encode(self, texts: Sequence[str | tuple[str, str]] | str, truncation: bool = False) -> dict[str, np.ndarray]:
         """`input_ids`, `attention_mask` and `token_type_ids` of texts or text pairs, ready for
         `run(**encoded)` (see `tokenize`, `pack`)."""
-        ids, mask, types = self.pack(self.tokenize(texts, truncate))
+        ids, mask, types = self.pack(self.tokenize(texts, truncation))
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-
-    def chunks(self, texts: Sequence[str | tuple[str, str]] | str, truncate: bool = False,
-               size: int = CHUNK) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-        """(encoded, outputs) of `size` texts at a time: peak memory follows `size`, not len(texts)."""
-        texts = check_texts(texts)
-        for start in range(0, len(texts), size):
-            encoded = self.encode(texts[start : start + size], truncate)
-            yield encoded, self.run(**encoded)
 
     # -- integers ---------------------------------------------------------------------------
     def _check(self, name: str, a: Any, like: np.ndarray | None = None, bools: bool = False) -> np.ndarray:
@@ -218,13 +213,12 @@ class Runner:
         if not np.isin(mask, (0, 1)).all():
             raise ValueError("attention_mask must be 0 or 1")
         n, s = ids.shape[0], ids.shape[-1]
-        # pad to the shortest compiled length that fits and a whole number of compiled batches
-        width, rows = self.bucket(s), -(-n // self.batch) * self.batch
-        main = self.buckets[width]
-        pads = [(0, rows - n)] + [(0, 0)] * (ids.ndim - 2) + [(0, width - s)]
+        # pad to the shortest compiled length that fits and to the rows the planned calls take
+        width, calls = self.bucket(s), self.plan(n)
+        pads = [(0, sum(calls) - n)] + [(0, 0)] * (ids.ndim - 2) + [(0, width - s)]
         full = lambda a, fill: np.pad(a, pads, constant_values=fill).astype(np.int32)  # noqa: E731
         ids_p, mask_p, types_p = full(ids, self.pad_id), full(mask.astype(np.int64), 0), full(types, 0)
-        chunks = self._library.submit(self._invoke, main, rows, ids_p, mask_p, types_p).result()
+        chunks = self._library.submit(self._invoke, width, calls, ids_p, mask_p, types_p).result()
         out: dict[str, Any] = {}
         for i, spec in enumerate(self.outputs):
             val = np.concatenate([c[i] for c in chunks])[:n]
@@ -233,11 +227,13 @@ class Runner:
         out["scales"] = self.scales
         return out
 
-    def _invoke(self, main: str, rows: int, *inputs: np.ndarray) -> list[list[np.ndarray]]:
+    def _invoke(self, width: int, calls: list[int], *inputs: np.ndarray) -> list[list[np.ndarray]]:
         """The library's calls, on the library thread: one TVM worker pool however many callers."""
-        chunks = []
-        for r in range(0, rows, self.batch):
-            args = [self._tensor(a[r : r + self.batch], self._dev) for a in inputs]
+        chunks, r = [], 0
+        for batch in calls:
+            main = self.functions[batch, width]
+            args = [self._tensor(a[r : r + batch], self._dev) for a in inputs]
+            r += batch
             # the stateful calls, because over RPC a returned tuple is a remote handle
             self._vm.set_input(main, *args, *self._params)
             self._vm.invoke_stateful(main)
@@ -250,10 +246,26 @@ class Runner:
         scales = ints.pop("scales")
         return {k: v.astype(np.float32) * scales[k].astype(np.float32) for k, v in ints.items()}
 
-    def embed(self, texts: Sequence[str | tuple[str, str]] | str, truncate: bool = False) -> np.ndarray:
-        """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' pooling)."""
-        return np.concatenate([mean_pool(out["last_hidden_state"], enc["attention_mask"])
-                               for enc, out in self.chunks(texts, truncate)])
+
+CALL_COST = 0.1  # a library call's fixed cost, in rows of work (default model, 1x128: 8 rows cost 7.5 rows)
+
+
+def plan_batches(rows: int, batches: list[int]) -> list[int]:
+    """Batch sizes, largest first, whose calls cover `rows` rows at the least cost, a call of b rows
+    costing b + CALL_COST: no padding where the sizes add up exactly, then the fewest calls.
+    With {1, 8}: 9 rows are 8 + 1, 5 rows five single calls, 8 one call."""
+    best = [0.0] + [float("inf")] * rows
+    last = [0] * (rows + 1)
+    for r in range(1, rows + 1):
+        for b in batches:
+            cost = best[max(r - b, 0)] + b + CALL_COST
+            if cost < best[r]:
+                best[r], last[r] = cost, b
+    calls, r = [], rows
+    while r > 0:
+        calls.append(last[r])
+        r = max(r - last[r], 0)
+    return sorted(calls, reverse=True)
 
 
 def check_texts(texts: Any) -> list[str | tuple[str, str]]:
@@ -312,10 +324,3 @@ def _trim_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Average of the real tokens' vectors, L2-normalised."""
-    m = mask[..., None].astype(np.float32)
-    pooled = (hidden * m).sum(1) / np.maximum(m.sum(1), 1)
-    return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)

@@ -3,14 +3,17 @@
 The search space is small (register tiles that fit the vector registers), so the tuner measures
 every candidate (or a trial budget of them): on this machine, or on a board of a device farm
 through MetaSchedule's RPC runner and a tracker. A record maps "role:shape" (role = kernel name without its
-length and layer prefixes, since every layer has the same shapes) to the fastest tile. Records live in
-`schedules/records/<cpu>.json`; the default model's shapes are shipped for this project's CPU.
+length and layer prefixes, since every layer has the same shapes) to the fastest tile, in `<cpu>.json` files:
+the package ships some (`schedules/records`: the default model's shapes on the CPUs this project measured),
+`tune` writes the user's (`~/.cache/ibert-tvm/records`, or a folder given), never into the package.
+Compiling reads both; the user's record of a shape wins.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,21 +22,48 @@ import numpy as np
 import tvm
 from tqdm import tqdm
 
-from ibert_tvm.files import write_atomic
+from ibert_tvm.files import cache_dir, write_atomic
 from ibert_tvm.names import kernel_kind
 
 from . import cpu
 
-RECORDS = Path(__file__).parent / "records"
+log = logging.getLogger(__name__)
+RECORDS = Path(__file__).parent / "records"  # shipped with the package: read, never written
 
 
-def record_file(cpu_name: str, folder: Path = RECORDS) -> Path:
+def user_records() -> Path:
+    """Where `tune` writes unless given a folder: the user's cache."""
+    return cache_dir() / "records"
+
+
+def record_file(cpu_name: str, folder: Path) -> Path:
     return folder / f"{cpu_name}.json"
 
 
-def load(cpu_name: str, folder: Path = RECORDS) -> dict[str, list[int]]:
-    f = record_file(cpu_name, folder)
-    return json.loads(f.read_text()) if f.exists() else {}
+def record_files(cpu_name: str, folder: Path | None = None) -> list[Path]:
+    """The record files that exist for a CPU (LLVM's -mcpu name), in the order `load` reads them:
+    the shipped one, then `folder`'s (default: the user's cache). Empty: no tuned tiles for it."""
+    return [f for f in (record_file(cpu_name, RECORDS), record_file(cpu_name, folder or user_records())) if f.exists()]
+
+
+def _read(f: Path) -> dict[str, list[int]]:
+    if not f.exists():
+        return {}
+    try:
+        records = json.loads(f.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"tuning records {f} are unreadable: {err}") from None
+    if isinstance(records, dict):
+        return records
+    raise ValueError(f"tuning records {f}: expected an object of \"role:shape\": [rows, columns], got {records!r:.80}")
+
+
+def load(cpu_name: str, folder: Path | None = None) -> dict[str, list[int]]:
+    """A CPU's tile records: the shipped ones, overlaid by `folder`'s (default: the user's cache)."""
+    records: dict[str, list[int]] = {}
+    for f in record_files(cpu_name, folder):
+        records |= _read(f)
+    return records
 
 
 def key(name: str, shape: tuple[int, ...]) -> str:
@@ -95,15 +125,18 @@ def rpc_measure(target: tvm.target.Target, tracker: tuple[str, int], key: str, c
 
 
 def tune(mod: tvm.IRModule, cpu_name: str, isa: cpu.Isa, measure: Measure, trials: int | None = None,
-         folder: Path = RECORDS, progress: bool = True) -> dict[str, list[int]]:
-    """Measure the tile candidates of each GEMM shape not yet recorded (with `trials`, that many
-    spread over the shapes, the default tile first and at least it); save and return the records."""
-    records = load(cpu_name, folder)
+         folder: Path | None = None, progress: bool = True) -> dict[str, list[int]]:
+    """Measure the tile candidates of each GEMM shape not yet recorded, shipped or in `folder` (with
+    `trials`, that many spread over the shapes, the default tile first and at least it); add them to
+    `folder`'s records (default: the user's cache) and return what that file then holds."""
+    folder = folder or user_records()
+    known = load(cpu_name, folder)
+    records = _read(record_file(cpu_name, folder))
     todo = {}
     for gv, func in mod.functions.items():
         if isinstance(func, tvm.tirx.PrimFunc) and "ibert.kind" in func.attrs:
             shape = cpu.gemm_shape(func)
-            if shape and cpu.tuned(isa, shape) and key(gv.name_hint, shape) not in records:
+            if shape and cpu.tuned(isa, shape) and key(gv.name_hint, shape) not in known:
                 todo.setdefault(key(gv.name_hint, shape), (func, shape))
     plans = {}
     for k, (func, shape) in todo.items():
@@ -112,6 +145,11 @@ def tune(mod: tvm.IRModule, cpu_name: str, isa: cpu.Isa, measure: Measure, trial
     if trials is not None:  # round robin over the shapes until the budget is spent
         share = [min(len(c), (trials + i) // max(1, len(plans))) for i, c in enumerate(plans.values())]
         plans = {k: c[: max(1, n)] for (k, c), n in zip(plans.items(), share)}
+    if not todo:
+        log.info("nothing to measure: every tunable GEMM shape of this model has a %s record", cpu_name)
+    else:
+        log.info("measuring %d tile candidates for %d GEMM shapes on %s", sum(map(len, plans.values())), len(plans),
+                 cpu_name)
     bar = tqdm(total=sum(map(len, plans.values())), desc="tuning GEMM tiles", disable=not progress)
     for k, candidates in plans.items():
         func = todo[k][0]
@@ -122,7 +160,6 @@ def tune(mod: tvm.IRModule, cpu_name: str, isa: cpu.Isa, measure: Measure, trial
         records[k] = list(min(timings)[1])
     bar.close()
     if todo:
-        folder.mkdir(parents=True, exist_ok=True)
         lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(records.items())]
-        write_atomic(record_file(cpu_name, folder), "{\n" + ",\n".join(lines) + "\n}\n")
+        log.info("wrote %s", write_atomic(record_file(cpu_name, folder), "{\n" + ",\n".join(lines) + "\n}\n"))
     return records

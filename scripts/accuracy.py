@@ -21,7 +21,8 @@ from ibert_tvm.compile import CompileOptions, compile_program, default_calibrati
 from ibert_tvm.evaluation.data import movie_sentences
 from ibert_tvm.evaluation.fp32 import fp32_model
 from ibert_tvm.importer import convert
-from ibert_tvm.runner import Runner, mean_pool
+from ibert_tvm.pipelines import pool
+from ibert_tvm.runner import Runner
 
 
 def main() -> None:
@@ -33,12 +34,12 @@ def main() -> None:
     held_out = [t for _, t in movie_sentences()[1::37] if t not in calib][: a.sentences]
 
     # one calibration serves HF's simulation, the reference and the compiled library
-    opt = CompileOptions(model="default", batch=8, seq_len=a.seq_len, out=Path(f"artifacts/accuracy-default-{a.seq_len}"),
+    opt = CompileOptions(model="default", batches=(8,), seq_len=a.seq_len, out=Path(f"artifacts/accuracy-default-{a.seq_len}"),
                          force=True, progress=False)
     model, path = load_calibrated(opt)
     program = convert(model)
     runner = Runner(compile_program(program, path, opt))
-    enc = runner.encode(held_out, truncate=True)
+    enc = runner.encode(held_out, truncation=True)
     ids, mask = enc["input_ids"], enc["attention_mask"]
 
     tvm_int = runner.run_integer(ids, mask)["last_hidden_state"]
@@ -56,7 +57,7 @@ def main() -> None:
     for name, x, y in (("ibert-tvm vs HF quant_mode=True", ours, hf_sim), ("ibert-tvm vs FP32", ours, fp32),
                        ("HF quant_mode=True vs FP32", hf_sim, fp32)):
         d = np.abs(x - y)[keep]
-        cos = (mean_pool(x, mask) * mean_pool(y, mask)).sum(1)
+        cos = (pool(x, mask) * pool(y, mask)).sum(1)
         print(f"| {name} | {d.max():.4f} | {d.mean():.4f} | {cos.mean():.4f} | {cos.min():.4f} |")
 
 

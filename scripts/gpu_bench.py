@@ -57,7 +57,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for b, s in GRID:
         out = Path(f"artifacts/gpu-{a.target}-{b}x{s}")
-        opt = CompileOptions(model=a.model, target=a.target, batch=b, seq_len=s, out=out, force=True, progress=False)
+        opt = CompileOptions(model=a.model, target=a.target, batches=(b,), seq_len=s, out=out, force=True, progress=False)
         artifact.reuse(out, lambda: compile_program(program, path, opt))
         r = Runner(out)
         rng = np.random.default_rng(b * 1000 + s)

@@ -31,7 +31,7 @@ print(base, rss())
 
 def inputs(r: Runner, n: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [rng.integers(3, r.vocab, (r.batch, int(rng.integers(r.seq_len // 2, r.seq_len + 1)))) for _ in range(n)]
+    return [rng.integers(3, r.vocab, (r.batches[-1], int(rng.integers(r.seq_len // 2, r.seq_len + 1)))) for _ in range(n)]
 
 
 def threaded(r: Runner, cases: list[np.ndarray], want: list[dict], threads: int, calls: int) -> tuple[int, int, float]:

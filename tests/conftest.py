@@ -57,7 +57,7 @@ def ci_setup_failed(message: str) -> NoReturn:
 
 def mean_pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Unit-length mean of the real tokens' vectors, in float64: written here, not taken from
-    ibert_tvm.runner.mean_pool, so that tests check the library's pooling against it."""
+    ibert_tvm.pipelines.pool, so that tests check the library's pooling against it."""
     m = np.asarray(mask, np.float64)[..., None]
     pooled = (np.asarray(hidden, np.float64) * m).sum(-2) / m.sum(-2)
     return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
@@ -193,7 +193,7 @@ def artifacts(tmp_path_factory) -> dict[str, Artifact]:
     out = {}
     for kind in KINDS:
         ckpt = save_checkpoint(root / f"ckpt-{kind}", kind)
-        opt = CompileOptions(model=str(ckpt), target="host", batch=2, seq_len=16, out=root / f"art-{kind}",
+        opt = CompileOptions(model=str(ckpt), target="host", batches=(2,), seq_len=16, out=root / f"art-{kind}",
                              calib_texts=CALIB_TEXTS, progress=False)
         path, program = compile_capturing(opt)
         out[kind] = Artifact(kind, ckpt, path, program)
@@ -207,7 +207,7 @@ def recompile(artifacts: dict[str, Artifact], root: Path, plan: list[tuple[str, 
     out = {}
     for preset, kind in plan:
         a = artifacts[kind]
-        opt = CompileOptions(model=str(a.checkpoint), target=preset, batch=2, seq_len=16, out=root / f"{preset}-{kind}",
+        opt = CompileOptions(model=str(a.checkpoint), target=preset, batches=(2,), seq_len=16, out=root / f"{preset}-{kind}",
                              progress=False)
         out[preset, kind] = compile_program(a.program, a.checkpoint, opt)
     return out

@@ -12,7 +12,7 @@ import pytest
 from conftest import CALIB_TEXTS, PAD, VOCAB, WORDS, random_inputs, save_checkpoint
 
 from ibert_tvm import artifact as art
-from ibert_tvm import cli, reference
+from ibert_tvm import cli, pipeline, reference
 from ibert_tvm.artifact import ArtifactError
 from ibert_tvm.compile import CompileOptions, compile_model
 from ibert_tvm.runner import Runner
@@ -44,7 +44,8 @@ def test_manifest_describes_artifact(any_artifact):
     m = art.read(any_artifact.path)
     p = any_artifact.program
     assert m.model_class == any_artifact.kind == p.model_class
-    assert (m.batch, m.seq_len, m.vocab_size, m.pad_id, m.type_vocab_size) == (2, SEQ, VOCAB, PAD, 2)
+    assert (m.batches, m.seq_len, m.vocab_size, m.pad_id, m.type_vocab_size) == ([2], SEQ, VOCAB, PAD, 2)
+    assert [(b.batch, b.seq_len, b.function) for b in m.buckets] == [(2, SEQ, f"main_b2_s{SEQ}")]
     assert [o.name for o in m.outputs] == p.outputs
     assert set(m.files) == {art.LIBRARY, art.PARAMS, art.TOKENIZER}
     assert not [f for f in any_artifact.path.parent.iterdir() if f.name.startswith(f".{any_artifact.path.name}.")]
@@ -95,8 +96,7 @@ def test_runner_uses_every_cpu_by_default(artifact, asked):
 
 
 def test_embed_is_normalised_and_input_dependent(artifact):
-    r = Runner(artifact.path)
-    e = r.embed(CALIB_TEXTS)
+    e = pipeline("sentence-embedding", artifact.path)(CALIB_TEXTS)
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1, rtol=1e-5)
     assert e.shape == (len(CALIB_TEXTS), artifact.program.hidden) and (e[0] @ e[1]) < 0.9999
 
@@ -112,7 +112,7 @@ def test_encode_pads_and_refuses_over_long_text(runner):
     long = " ".join(WORDS[:SEQ + 4])
     with pytest.raises(ValueError, match="longer than the compiled length"):
         runner.encode(["short", long])
-    ids, mask, _ = runner.encode(long, truncate=True).values()
+    ids, mask, _ = runner.encode(long, truncation=True).values()
     assert mask.sum() == SEQ and ids[0].tolist() == [2 + WORDS.index(w) for w in WORDS[:SEQ]]
     with pytest.raises(ValueError):
         runner.encode([])
@@ -195,7 +195,7 @@ def entries(d: Path) -> list[str]:
 def compile_fails(tmp_path: Path, exc, match: str, **kw) -> None:
     """Compile into tmp_path/out expecting `exc`; nothing (no out, no .out.* temp dir) is left."""
     before = entries(tmp_path)
-    opt = CompileOptions(**{"target": "host", "batch": 2, "seq_len": SEQ, "out": tmp_path / "out", "progress": False, **kw})
+    opt = CompileOptions(**{"target": "host", "batches": (2,), "seq_len": SEQ, "out": tmp_path / "out", "progress": False, **kw})
     with pytest.raises(exc, match=match):
         compile_model(opt)
     assert entries(tmp_path) == before
@@ -305,11 +305,12 @@ def test_cli_run_json(any_artifact, capsys):
     texts = ["the film was good", "a dull plot"]
     assert cli.main(["run", str(any_artifact.path), *texts, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert [r["text"] for r in result] == texts
+    assert [r["input"] for r in result] == texts
     if any_artifact.kind == "IBertForSequenceClassification":
-        assert all(r["label"] in any_artifact.program.label_names and len(r["logits"]) == 3 for r in result)
-    else:
-        embs = np.array([r["embedding"] for r in result])
+        assert all(set(r["output"]) == {"label", "score"} for r in result)
+        assert all(r["output"]["label"] in any_artifact.program.label_names for r in result)
+    else:  # a bare encoder's default: sentence-embedding
+        embs = np.array([r["output"] for r in result])
         assert embs.shape == (2, 32)
         np.testing.assert_allclose(np.linalg.norm(embs, axis=1), 1, atol=1e-3)
         assert not np.allclose(embs[0], embs[1])
@@ -328,7 +329,8 @@ def test_cli_run_json(any_artifact, capsys):
 def test_cli_user_errors(artifact, tmp_path, capsys, argv, match):
     assert cli.main([str(x) for x in argv(artifact, tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ibert-tvm: error:") and match in err
+    errors = [line for line in err.splitlines() if line.startswith("ibert-tvm: error:")]
+    assert len(errors) == 1 and match in err  # info lines may come before the one error line
     assert not (tmp_path / "x").exists()
 
 

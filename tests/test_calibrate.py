@@ -272,7 +272,6 @@ def test_cli_output_passes_the_compile_calibration_check(tmp_path, source):
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
     ("empty", "no non-empty lines"),
-    ("estimator", "unknown range estimator"),
     ("percentile", "percentile must lie"),
     ("max-texts", "max-texts"),
 ])
@@ -283,8 +282,6 @@ def test_cli_bad_input(tmp_path, source, capsys, case, message):
         texts = tmp_path / "nope.txt"
     elif case == "empty":
         texts.write_text("\n  \n\n")
-    elif case == "estimator":
-        extra = ["--estimator", "median"]
     elif case == "percentile":
         extra = ["--estimator", "percentile", "--percentile", "40"]
     else:

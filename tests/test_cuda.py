@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,7 +105,7 @@ def gpu_present() -> bool:
     compiling loads (it answers to the same soname and sees no device)."""
     probe = ("import ctypes, sys; cuda = ctypes.CDLL('libcuda.so.1'); n = ctypes.c_int(0); "
              "sys.exit(cuda.cuInit(0) or cuda.cuDeviceGetCount(ctypes.byref(n)) or n.value == 0)")
-    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, check=False).returncode == 0
 
 
 def test_runner_refuses_cuda_library_without_gpu(cuda_artifacts):
@@ -114,3 +115,33 @@ def test_runner_refuses_cuda_library_without_gpu(cuda_artifacts):
         pytest.skip("this machine has an NVIDIA GPU: the refusal is for machines without one")
     with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):
         Runner(cuda_artifacts["cuda-sm75", "IBertModel"])
+
+
+def test_stub_libcuda_is_built_once_into_the_cache_and_fails_every_call(tmp_path, monkeypatch):
+    """What lets a machine without a driver compile for CUDA (device_cuda.cuda_stub, no script outside
+    the package): a libcuda.so.1 with every driver function TVM's libraries import, each failing."""
+    import ctypes
+
+    import tvm  # noqa: F401  (loads the runtime libraries)
+    from tvm.base import _LOADED_LIBS
+
+    from ibert_tvm.device_cuda import NO_DEVICE, cuda_stub
+
+    monkeypatch.setenv("IBERT_TVM_CACHE", str(tmp_path))
+    libdir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    lib = cuda_stub(libdir)
+    assert lib == tmp_path / "cuda-stub" / "libcuda.so.1"  # built in the user's cache
+    built = lib.stat().st_mtime_ns
+    assert cuda_stub(libdir) == lib and lib.stat().st_mtime_ns == built  # reused while TVM's imports are the same
+
+    def nm(*args: str) -> set[str]:
+        out = subprocess.run(["nm", "-D", *args], capture_output=True, text=True, check=True).stdout
+        return {line.split()[-1] for line in out.splitlines() if line.strip() and ":" not in line}
+
+    needed = {s for s in nm("--undefined-only", str(libdir / "libtvm_runtime_cuda.so")) if s[:2] == "cu" and
+              s[2:3].isupper()}
+    assert needed and needed <= nm("--defined-only", str(lib))
+    stub = ctypes.CDLL(str(lib))
+    assert stub.cuInit(0) == NO_DEVICE
+    text = ctypes.c_char_p()
+    assert stub.cuGetErrorString(NO_DEVICE, ctypes.byref(text)) == 0 and b"stub" in text.value

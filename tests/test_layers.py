@@ -1,5 +1,5 @@
 """Layers point one way: no import cycles among the project's modules, and the runtime (runner,
-artifact, manifest, tasks, remote) imports and runs without the compiler or torch."""
+artifact, manifest, pipelines, remote) imports and runs without the compiler or torch."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from conftest import REPO
 
 # installed name -> folder (pyproject's package-dir keeps the design's folders at the root)
 PACKAGES = {"ibert_tvm": "ibert_tvm", "ibert_tvm.relay_ops": "relay_ops", "ibert_tvm.schedules": "schedules"}
-RUNTIME = ("ibert_tvm.runner", "ibert_tvm.tasks", "ibert_tvm.artifact", "ibert_tvm.manifest", "ibert_tvm.remote",
+RUNTIME = ("ibert_tvm.runner", "ibert_tvm.pipelines", "ibert_tvm.artifact", "ibert_tvm.manifest", "ibert_tvm.remote",
            "ibert_tvm.signing", "ibert_tvm.files", "ibert_tvm.threads")
 # what a deployed runner must never load: our compiler's modules, TVM's Relax compiler, torch
 # (`import tvm` itself loads tvm.te and tvm.tirx; TVM_USE_RUNTIME_LIB=1 keeps Relax out)

@@ -17,7 +17,7 @@ from conftest import ALL_KINDS, CHOICES, REPO, Spec, random_inputs
 from transformers import IBertForSequenceClassification
 from transformers.models.ibert import modeling_ibert
 
-from ibert_tvm import cli, graph, importer, reference, tasks
+from ibert_tvm import cli, graph, importer, pipelines, reference
 from ibert_tvm.model_classes import REGISTRY, TASKS, ModelClass
 
 STAGES = ("importer", "reference", "graph")
@@ -30,8 +30,8 @@ def test_registry_is_transformers_ibert_family_with_one_task_each():
     family = {name for name in modeling_ibert.__all__ if name != "IBertPreTrainedModel"}
     assert set(REGISTRY) == family == set(ALL_KINDS)
     assert sorted(TASKS.values()) == sorted(REGISTRY)  # distinct tasks, one per class
-    assert set(cli.TASK_RESULTS) == set(TASKS)
-    for task in TASKS:
+    assert set(TASKS) <= set(pipelines.PIPELINES)  # transformers' task names, each with its pipeline
+    for task in pipelines.PIPELINES:
         assert cli.parser().parse_args(["run", "artifact", "text", "--task", task]).task == task
 
 
@@ -58,7 +58,7 @@ def test_compiled_artifact_returns_the_registered_outputs(tmp_path, tiny, kind):
     model, program = tiny(kind, Spec())
     cls = REGISTRY[kind]
     batch, choices = 2, CHOICES if cls.choice_axis else 1  # as _inputs
-    opt = CompileOptions(model="tiny", batch=batch, seq_len=SEQ, out=tmp_path / "art", choices=choices, progress=False)
+    opt = CompileOptions(model="tiny", batches=(batch,), seq_len=SEQ, out=tmp_path / "art", choices=choices, progress=False)
     with Runner(compile_program(program, tmp_path, opt)) as r:
         declared = [(o.name, o.dtype, o.shape(program, batch, SEQ, choices), o.seq_axis, o.scale(program))
                     for o in cls.outputs]
@@ -114,7 +114,7 @@ def test_a_new_class_is_one_registry_entry_and_its_heads(monkeypatch, tiny):
     assert program.output_specs(2, SEQ) == classifier.output_specs(2, SEQ)
     assert np.array_equal(out["logits"], reference.run(classifier, ids, mask)["logits"])
     tvm.ir.assert_structural_equal(module, graph.build_graph(classifier, 2, SEQ).module)
-    assert tasks.task_of(SimpleNamespace(model_class=name)) == "regress"
+    assert pipelines.task_of(SimpleNamespace(model_class=name)) == "regress"
 
 
 def _dispatch_on_class(path: Path) -> list[tuple[int, str]]:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CALIB_TEXTS, PAD, REPO, VOCAB
+from conftest import CALIB_TEXTS, PAD, REPO, VOCAB, mean_pooled
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ibert_tvm import artifact as art
-from ibert_tvm import cli, reference
+from ibert_tvm import cli, pipeline, reference
 from ibert_tvm.artifact import ArtifactError
 from ibert_tvm.runner import Runner
 
@@ -183,13 +183,12 @@ def test_text_pairs_keep_their_token_types(tmp_path, artifact):
     r = Runner(_resealed(copy, tokenizer=tok.to_str().encode()))
     enc = r.encode([("the film", "was good")])
     assert enc["token_type_ids"][0, :5].tolist() == [0, 0, 1, 1, 0]
-    got = r.embed([("the film", "was good")])
-    want = r.embed(["the film was good"])  # same tokens, all type 0
+    embed = pipeline("sentence-embedding", r)
+    got = embed([("the film", "was good")])
+    want = embed(["the film was good"])  # same tokens, all type 0
     assert not np.allclose(got, want)
-    from ibert_tvm.runner import mean_pool
-
     out = r.run(**enc)
-    np.testing.assert_allclose(got, mean_pool(out["last_hidden_state"], enc["attention_mask"]), rtol=1e-6)
+    np.testing.assert_allclose(got, mean_pooled(out["last_hidden_state"], enc["attention_mask"]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("texts, exc, match", [
@@ -206,10 +205,11 @@ def test_bad_text_items_are_named(runner, texts, exc, match):
 
 def test_embed_works_in_chunks(runner, monkeypatch):
     """Many texts run CHUNK at a time (peak memory follows the chunk) and give the same vectors."""
-    from ibert_tvm import runner as runner_mod
+    from ibert_tvm import pipelines
 
     texts = [CALIB_TEXTS[i % len(CALIB_TEXTS)] + " good" * (i % 5) for i in range(23)]
-    whole = runner.embed(texts)
+    embed = pipeline("sentence-embedding", runner)
+    whole = embed(texts)
     seen = []
     real = Runner.run
 
@@ -217,10 +217,9 @@ def test_embed_works_in_chunks(runner, monkeypatch):
         seen.append(np.asarray(a[0] if a else k["input_ids"]).shape[0])
         return real(self, *a, **k)
 
-    monkeypatch.setattr(runner_mod, "CHUNK", 5)
+    monkeypatch.setattr(pipelines, "CHUNK", 5)
     monkeypatch.setattr(Runner, "run", spy)
-    monkeypatch.setattr(Runner.chunks, "__defaults__", (False, 5))
-    parts = runner.embed(texts)
+    parts = embed(texts)
     assert seen == [5, 5, 5, 5, 3]
     np.testing.assert_allclose(parts, whole, atol=1e-6)
 
@@ -269,7 +268,10 @@ def test_manifest_edit_is_named(artifact, tmp_path, case):
 
 
 SCHEMA = {
-    "missing": (lambda m: m.pop("batch"), "field batch is missing"),
+    "missing": (lambda m: m.pop("batches"), "field batches is missing"),
+    "missing-bucket": (lambda m: m.update(batches=[1, 2]), "each compiled batch"),
+    "mistyped-bool": (lambda m: m.update(pooling={"mode": "mean", "normalize": 1}), r"field pooling\.normalize must be bool"),
+    "pooling-mode": (lambda m: m.update(pooling={"mode": "sum", "normalize": True}), r"field pooling\.mode must be one of"),
     "mistyped": (lambda m: m.update(seq_len="16"), "field seq_len must be int"),
     "nested-mistyped": (lambda m: m["outputs"][0].update(seq_axis="1"), r"field outputs\[0\]\.seq_axis must be int"),
     "unknown": (lambda m: m.update(extra=1), "unknown field extra"),
@@ -353,7 +355,7 @@ def keys(tmp_path_factory):
 def signed(artifact, keys, tmp_path_factory):
     from ibert_tvm.compile import CompileOptions, compile_program
 
-    opt = CompileOptions(model=str(artifact.checkpoint), batch=2, seq_len=SEQ, progress=False,
+    opt = CompileOptions(model=str(artifact.checkpoint), batches=(2,), seq_len=SEQ, progress=False,
                          out=tmp_path_factory.mktemp("signed") / "art", sign_key=keys / "a.pem")
     return compile_program(artifact.program, artifact.checkpoint, opt)
 

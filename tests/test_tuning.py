@@ -1,9 +1,12 @@
-"""`ibert-tvm tune` here: a trial budget, records written where asked and re-applied by compile."""
+"""`ibert-tvm tune` here: a trial budget, records written where asked (by default the user's cache,
+never the package), read over the shipped ones and re-applied by compile."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from conftest import CALIB_TEXTS
+from conftest import CALIB_TEXTS, Spec
 
 from ibert_tvm import cli, targets
 from ibert_tvm.schedules import cpu, tuning
@@ -16,7 +19,8 @@ def test_tune_with_a_trial_budget_then_compile_uses_the_records(artifact, tmp_pa
              "--records", str(tmp_path / "rec")]
     assert cli.main(["tune", *model, "--trials", "5"]) == 0, capsys.readouterr().err
     host = targets.get("host")
-    records = tuning.load(host.target["mcpu"], tmp_path / "rec")
+    records = json.loads(tuning.record_file(host.target["mcpu"], tmp_path / "rec").read_text())
+    assert capsys.readouterr().out == f"{len(records)} tile records in {tmp_path / 'rec'}/\n"
     isa = cpu.ISAS[host.isa]
     # the default tiny model (hidden 32, intermediate 64) at 2 x 16 rows; AMX blocks are not tuned
     linears = {"qkv": (32, 96, 32), "attn_out": (32, 32, 32), "inter": (32, 64, 32), "ffn_out": (32, 32, 64)}
@@ -30,6 +34,8 @@ def test_tune_with_a_trial_budget_then_compile_uses_the_records(artifact, tmp_pa
     monkeypatch.setattr(cpu, "schedule", lambda func, isa, tiles=None: used.append(tiles) or real(func, isa, tiles))
     assert cli.main(["compile", *model, "-o", str(tmp_path / "art")]) == 0, capsys.readouterr().err
     assert {tuple(t) for t in records.values()} >= {t for t in used if t is not None} and any(used)
+    summary = capsys.readouterr().out
+    assert f"tiles    tuned where {host.target['mcpu']}'s records hold" in summary and str(tmp_path / "rec") in summary
 
 
 def test_tune_rejects_a_zero_budget_and_gpu_targets(artifact, capsys):
@@ -39,3 +45,49 @@ def test_tune_rejects_a_zero_budget_and_gpu_targets(artifact, capsys):
         from ibert_tvm.build import tune_graph
 
         tune_graph(None, targets.get("cuda-sm75"))
+
+
+def _gemm_keys(module, isa: cpu.Isa) -> list[str]:
+    shapes = {gv.name_hint: cpu.gemm_shape(f) for gv, f in module.functions.items() if "ibert.kind" in f.attrs}
+    return sorted({tuning.key(n, s) for n, s in shapes.items() if s and cpu.tuned(isa, s)})
+
+
+@pytest.fixture
+def tiny_module(tiny):
+    from ibert_tvm.graph import build_graph
+
+    return build_graph(tiny("IBertModel", Spec())[1], 2, 16, targets.get("x86-avx512-vnni").a_shift).module
+
+
+def test_tune_writes_the_users_cache_never_the_package(tiny_module, tmp_path, monkeypatch):
+    monkeypatch.setenv("IBERT_TVM_CACHE", str(tmp_path / "cache"))
+    shipped = sorted(p.name for p in tuning.RECORDS.iterdir())
+    isa = cpu.ISAS["vnni"]  # register tiles for every GEMM: every shape is tunable
+    keys = _gemm_keys(tiny_module, isa)
+    records = tuning.tune(tiny_module, "ibert-test-cpu", isa, lambda func: 1.0, trials=len(keys), progress=False)
+    written = tmp_path / "cache" / "records" / "ibert-test-cpu.json"
+    assert sorted(records) == keys and json.loads(written.read_text()) == records
+    assert sorted(p.name for p in tuning.RECORDS.iterdir()) == shipped
+    assert tuning.record_files("ibert-test-cpu") == [written]
+
+
+def test_the_users_records_overlay_the_shipped_ones(tiny_module, tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "RECORDS", tmp_path / "shipped")
+    isa = cpu.ISAS["vnni"]
+    first, *rest = _gemm_keys(tiny_module, isa)
+    shipped = tuning.record_file("ibert-test-cpu", tmp_path / "shipped")
+    shipped.parent.mkdir()
+    shipped.write_text(json.dumps({first: [1, 1]}))
+    measured = []
+    records = tuning.tune(tiny_module, "ibert-test-cpu", isa, lambda func: measured.append(func) or 1.0,
+                          trials=len(rest), folder=tmp_path / "mine", progress=False)
+    assert sorted(records) == rest and len(measured) == len(rest)  # a shipped shape is not measured again
+    assert json.loads(shipped.read_text()) == {first: [1, 1]}  # nor rewritten
+    mine = tuning.record_file("ibert-test-cpu", tmp_path / "mine")
+    assert tuning.record_files("ibert-test-cpu", tmp_path / "mine") == [shipped, mine]
+    assert tuning.load("ibert-test-cpu", tmp_path / "mine") == {first: [1, 1], **records}
+    mine.write_text(json.dumps({**records, first: [2, 1]}))
+    assert tuning.load("ibert-test-cpu", tmp_path / "mine")[first] == [2, 1]  # the user's record wins
+    mine.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected an object"):
+        tuning.load("ibert-test-cpu", tmp_path / "mine")

@@ -1,7 +1,9 @@
-"""CPU baselines for the same FP32 IBert: PyTorch dynamic INT8, ONNX Runtime FP32/INT8, and TVM's own
-FP32 path (its PyTorch frontend, with plain schedules).
+"""CPU baselines for the same FP32 IBert, made ready to deploy: PyTorch dynamic INT8, the ONNX Runtime
+FP32/INT8 files, OpenVINO's FP32/INT8 IR, and TVM's own FP32 path (its PyTorch frontend, with plain
+schedules). The runtimes that run them (`bench.onnx_session`, `bench.openvino_session`) need no PyTorch.
 
-Needs the `compile` extra plus onnx, onnxscript (the dynamo exporter needs it) and onnxruntime.
+Needs the `compile` extra plus the `bench` extra's onnx, onnxscript (the dynamo exporter needs it),
+openvino and nncf.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import contextlib
 import copy
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import atomic_file
+from ..files import atomic_file, readable
 
 
 class _PairLinear(nn.Module):
@@ -121,28 +126,54 @@ def onnx_path(model: nn.Module, batch: int, seq: int, workdir: Path, int8: bool)
     return _cached(stem.with_name(stem.name + "-int8.onnx"), quantize)
 
 
-def onnx_session(path: Path, threads: int, *, spin: bool = True) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """ONNX Runtime on CPU over an exported model (`onnx_path`): `run(ids, mask) -> last_hidden_state`,
-    int64 [batch, seq] inputs.
+def _cached_dir(path: Path, make: Callable[[Path], object]) -> Path:
+    """`path`, a folder made by `make(tmp)` on first use: built in a private folder beside it, then
+    renamed into place, so no reader sees it half written (a concurrent maker's folder serves too)."""
+    if path.is_dir():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        make(tmp)
+        readable(tmp, 0o777)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
-    spin=False when PyTorch (or another session) runs in the same process: ORT's idle workers
-    spin-wait and fight torch's OpenMP threads for the cores (MiniLM 1x128 on 2 cores, ORT FP32 and
-    torch FP32 alternating: 125 ms a pair spinning, 69 ms not; 21 + 28 ms each alone)."""
-    import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    if not spin:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(path), opts,
-                                providers=["CPUExecutionProvider"])
+def openvino_ir(model: nn.Module, workdir: Path, calibration: list[dict[str, np.ndarray]] | None) -> Path:
+    """The model converted by OpenVINO (`model.xml`, shapes left open: the runtime fixes them), or
+    with `calibration` feeds quantized to INT8 by NNCF's transformer preset (SmoothQuant, fast bias
+    correction); cached by content like the .onnx. FP32 weights are kept as they are (no FP16 IR)."""
+    import openvino as ov
 
-    def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        feed = {"input_ids": np.asarray(ids, np.int64), "attention_mask": np.asarray(mask, np.int64)}
-        return sess.run(["last_hidden_state"], feed)[0]
+    h = hashlib.sha256(f"{_fingerprint(model)} openvino {ov.__version__}".encode())
+    if calibration is not None:
+        import nncf
 
-    return run
+        h.update(f" nncf {nncf.__version__}".encode())
+        for feed in calibration:
+            for name, array in sorted(feed.items()):
+                h.update(name.encode())
+                h.update(np.ascontiguousarray(array).tobytes())
+
+    def make(folder: Path) -> None:
+        ids = torch.ones(1, 16, dtype=torch.int64)
+        with torch.no_grad(), _evaluating(model):
+            net = ov.convert_model(_LastHidden(model).eval(),
+                                   example_input={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        if calibration is not None:
+            net = nncf.quantize(net, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
+                                subset_size=len(calibration))
+        ov.save_model(net, folder / "model.xml", compress_to_fp16=False)
+
+    kind = "fp32" if calibration is None else "int8"
+    return _cached_dir(Path(workdir) / f"ibert-{h.hexdigest()[:16]}-openvino-{kind}", make) / "model.xml"
 
 
 def _fp32_schedule(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":  # noqa: F821

@@ -1,25 +1,31 @@
 """`ibert-tvm bench`: our INT8 library against what people deploy today, measured in one run.
 
 Each system lives in its own worker process (one runtime per process, as deployed; in a shared
-process PyTorch's OpenMP pool and TVM's thread pool slow each other down), built one after the
-other, then timed in interleaved blocks so machine drift hits all alike. Idle workers are frozen
-(SIGSTOP): an idle thread pool still spins and, on 2 cores, cost the measured system a third.
-Each block has untimed warm-up calls (calls after a pause are slow). Peak RSS is the worker's
-high-water mark (VmHWM), loading what it deploys included (our artifact, ONNX Runtime's .onnx file:
-both made beforehand in the parent); the INT8 library's worker loads the TVM runtime library only
-(TVM_USE_RUNTIME_LIB=1), as a deployment would. "INT8 GEMM floor" times the model's matrix products alone with `torch._int_mm`
-(oneDNN): the fraction of it a system reaches says how close to the hardware it is.
+process PyTorch's OpenMP pool and the other runtimes' thread pools slow each other down), built one
+after the other, then timed in interleaved rounds so machine drift hits all alike. Idle workers are
+frozen (SIGSTOP): an idle thread pool still spins and, on 2 cores, cost the measured system a third
+(PyTorch's OpenMP workers cost ours 9.8 ms instead of 2.6). Each block has untimed warm-up calls
+(calls after a pause are slow). Speed is reported as each system's median time over ibert-tvm's in
+the same run. Peak RSS is the worker's high-water mark (VmHWM), loading what it deploys included
+(our artifact, the .onnx files, OpenVINO's IR: all made beforehand in the parent); the workers of
+ibert-tvm, TVM, ONNX Runtime and OpenVINO run without PyTorch, as a deployment would. The INT8 GEMM
+floor times the model's matrix products alone with `torch._int_mm` (oneDNN): the fraction of it a
+system reaches says how close to the hardware it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import multiprocessing as mp
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +33,44 @@ import numpy as np
 from ..files import cache_dir
 
 WARMUP = 3
-OURS, BASE, FLOOR = "ibert-tvm INT8", "PyTorch FP32", "INT8 GEMM floor"
+SETTLE_S = 0.3  # PyTorch's OpenMP workers spin about this long after their last call (the parent's too)
+CALIB_SENTENCES = 64  # OpenVINO INT8's calibration: a few dozen of the sentences our compile calibrates on
+
+
+@dataclass(frozen=True)
+class System:
+    about: str
+    needs: tuple[str, ...] = ()  # modules beyond the compile extra; the bench extra installs them
+
+
+OURS, FLOOR = "ibert-tvm", "int8-gemm-floor"
 SYSTEMS = {
-    OURS: "the compiled integer-only library (TVM runtime only)",
-    "TVM FP32": "the FP32 model through TVM's own PyTorch frontend, TVM-fused ops, plain CPU schedules",
-    BASE: "PyTorch FP32 eager (quant_mode=False)",
-    "PyTorch dynamic INT8": "torch quantize_dynamic of the FP32 model's Linear layers",
-    "ONNX Runtime FP32": "dynamo-exported FP32 model",
-    "ONNX Runtime INT8": "onnxruntime quantize_dynamic, s8 weights",
-    "HF quant_mode=True": "HuggingFace's float simulation of I-BERT",
-    FLOOR: "the model's GEMMs alone, torch._int_mm (oneDNN)",
+    OURS: System("the compiled integer-only library (TVM runtime only)"),
+    "openvino-int8": System("OpenVINO, NNCF static INT8 (transformer preset: SmoothQuant, bias correction)",
+                            ("openvino", "nncf")),
+    "ort-int8": System("ONNX Runtime, quantize_dynamic (s8 weights)", ("onnxruntime", "onnx", "onnxscript")),
+    "torch-dynamic-int8": System("PyTorch quantize_dynamic of the FP32 model's Linear layers"),
+    "openvino-fp32": System("OpenVINO FP32 (INFERENCE_PRECISION_HINT f32)", ("openvino",)),
+    "ort-fp32": System("ONNX Runtime FP32 (dynamo export)", ("onnxruntime", "onnx", "onnxscript")),
+    "tvm-fp32": System("the FP32 model through TVM's PyTorch frontend, TVM-fused ops, plain CPU schedules"),
+    "torch-fp32": System("PyTorch FP32 eager (IBert, quant_mode=False)"),
+    "hf-ibert-sim": System("HuggingFace's float simulation of I-BERT (quant_mode=True)"),
+    FLOOR: System("the model's INT8 GEMMs alone, torch._int_mm (oneDNN)"),
 }
+TORCH_FREE = (OURS, "tvm-fp32", "ort-int8", "ort-fp32", "openvino-int8", "openvino-fp32")
 ROBERTA_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                     vocab_size=50265, max_position_embeddings=514, pad_token_id=1)
 CACHE = cache_dir()
+
+
+def install_hint(modules: list[str]) -> str:
+    return f"needs {' and '.join(modules)}, which this install lacks: pip install \"ibert-tvm[bench]\""
+
+
+def unavailable(name: str) -> str | None:
+    """Why system `name` cannot run in this install (a module it needs is missing), else None."""
+    lacking = [m for m in SYSTEMS[name].needs if importlib.util.find_spec(m) is None]
+    return f"not installed: {install_hint(lacking)}" if lacking else None
 
 
 def model_dir(name: str) -> Path:
@@ -71,7 +101,7 @@ def artifact_for(model: str, batch: int, seq: int) -> Path:
     from ..compile import compile_model
 
     out = Path(f"artifacts/bench-{model}-{batch}x{seq}")
-    opt = compile_options(model, batch=batch, seq_len=seq, out=out, force=True)
+    opt = compile_options(model, batches=(batch,), seq_len=seq, out=out, force=True)
     return artifact.reuse(out, lambda: compile_model(opt))
 
 
@@ -86,65 +116,116 @@ def compile_options(model: str, **fields) -> "CompileOptions":  # noqa: F821
                           **fields)
 
 
+def calibration_feeds(tokenizer_file: Path, seq: int, pad: int) -> list[dict[str, np.ndarray]]:
+    """OpenVINO INT8's calibration set: our compile's calibration sentences, tokenized one a feed
+    (each at its own length, so no padding enters the statistics)."""
+    from ..calibrate import tokenizer_batches
+    from ..compile import default_calibration_texts
+
+    batches = tokenizer_batches(tokenizer_file, default_calibration_texts(CALIB_SENTENCES), 1, seq, pad)
+    return [{k: v.numpy() for k, v in b.items()} for b in batches]
+
+
 def prepare(name: str, model: str, batch: int, seq: int) -> Path | None:
     """What a system deploys, made here in the parent so that no worker's peak RSS counts the
-    compiler or exporter: our artifact, ONNX Runtime's .onnx file, TVM's FP32 library."""
+    compiler or exporter: our artifact, the .onnx files, OpenVINO's IR, TVM's FP32 library."""
     if name == OURS:
         return artifact_for(model, batch, seq)
+    if name not in TORCH_FREE:
+        return None
+    from . import baselines
     from .fp32 import fp32_model
 
-    if name == "TVM FP32":
-        from .baselines import tvm_fp32_library
+    net = fp32_model(str(model_dir(model)), "IBertModel")
+    if name == "tvm-fp32":
+        return baselines.tvm_fp32_library(net, batch, seq, CACHE / "tvm-fp32")
+    if name.startswith("ort-"):
+        return baselines.onnx_path(net, batch, seq, CACHE / "onnx", int8=name == "ort-int8")
+    feeds = None
+    if name == "openvino-int8":
+        feeds = calibration_feeds(model_dir(model) / "tokenizer.json", seq, net.config.pad_token_id)
+    return baselines.openvino_ir(net, CACHE / "openvino", feeds)
 
-        return tvm_fp32_library(fp32_model(str(model_dir(model)), "IBertModel"), batch, seq, CACHE / "tvm-fp32")
-    if name.startswith("ONNX Runtime"):
-        from .baselines import onnx_path
 
-        return onnx_path(fp32_model(str(model_dir(model)), "IBertModel"), batch, seq, CACHE / "onnx", "INT8" in name)
-    return None
+# -- in the worker ---------------------------------------------------------------------------------
+Session = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def _system(name: str, model: str, batch: int, seq: int, threads: int, lib: Path | None) -> Callable[[], object]:
+def onnx_session(path: Path, threads: int) -> Session:
+    """ONNX Runtime on CPU over an exported model (`baselines.onnx_path`): `run(ids, mask) -> last_hidden_state`."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return lambda ids, mask: sess.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
+
+
+def openvino_session(xml: Path, batch: int, seq: int, threads: int, *, f32: bool) -> Session:
+    """OpenVINO on CPU over `baselines.openvino_ir`, set up as its latency guide says: the static
+    shape, one stream, one infer request; `f32` keeps a bf16-capable CPU from running FP32 in bf16."""
+    import openvino as ov
+
+    core = ov.Core()
+    net = core.read_model(xml)
+    net.reshape({"input_ids": [batch, seq], "attention_mask": [batch, seq]})
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    if f32:
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    req = core.compile_model(net, "CPU", config).create_infer_request()
+
+    def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        req.infer({"input_ids": ids, "attention_mask": mask})
+        return req.get_output_tensor(0).data
+
+    return run
+
+
+def _system(name: str, model: str, ids: np.ndarray, threads: int, lib: Path | None) -> Callable[[], object]:
     """Build one system inside its worker (`lib`: what `prepare` made for it); returns a
-    zero-argument callable running one forward."""
-    ids = np.random.default_rng(0).integers(1000, 20000, (batch, seq)).astype(np.int64)
-    mask = np.ones_like(ids)
-    if name in (OURS, "TVM FP32"):
-        # As deployed: the runtime library, not the compiler, and no PyTorch (the runner's install
-        # has none; tvm_ffi imports it eagerly when present, ~190 MiB of this worker's peak RSS)
-        os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+    zero-argument callable running one forward on `ids` [batch, seq], all of them attended."""
+    (batch, seq), mask = ids.shape, np.ones_like(ids)
+    if name in TORCH_FREE:
+        # As deployed: no PyTorch (tvm_ffi imports it eagerly when present, ~190 MiB of peak RSS)
         sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    if name in (OURS, "tvm-fp32"):
+        os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # the runtime library, not the compiler
     if name == OURS:
         from ..runner import Runner
 
         r = Runner(lib, threads=threads)
         return lambda: r.run_integer(ids, mask)
-    if name == "TVM FP32":
+    if name == "tvm-fp32":
         from ..threads import use_threads
         from .fp32 import tvm_fp32_session
 
         use_threads(threads)
         session = tvm_fp32_session(lib)
-        return lambda: session(ids, mask)
-    if name.startswith("ONNX Runtime"):
-        from .baselines import onnx_session
-
+    elif name.startswith("ort-"):
         session = onnx_session(lib, threads)
-        return lambda: session(ids, mask)
+    elif name.startswith("openvino-"):
+        session = openvino_session(lib, batch, seq, threads, f32=name == "openvino-fp32")
+    else:
+        return _torch_system(name, model, ids, mask, threads)
+    return lambda: session(ids, mask)
+
+
+def _torch_system(name: str, model: str, ids: np.ndarray, mask: np.ndarray, threads: int) -> Callable[[], object]:
     import torch
 
     torch.set_num_threads(threads)
     if name == FLOOR:
-        return _gemm_floor(model, batch, seq)
-    if name == "HF quant_mode=True":
+        return _gemm_floor(model, *ids.shape)
+    if name == "hf-ibert-sim":
         from ..compile import load_calibrated
 
-        net, _ = load_calibrated(compile_options(model, seq_len=seq))
+        net, _ = load_calibrated(compile_options(model, seq_len=ids.shape[1]))
     else:
         from .fp32 import fp32_model
 
         net = fp32_model(str(model_dir(model)), "IBertModel")
-        if name == "PyTorch dynamic INT8":
+        if name == "torch-dynamic-int8":
             from .baselines import torch_dynamic_int8
 
             net = torch_dynamic_int8(net)
@@ -178,12 +259,12 @@ def _gemm_floor(model: str, batch: int, seq: int) -> Callable[[], None]:
     return run
 
 
-def _worker(conn, name: str, model: str, batch: int, seq: int, threads: int, lib: Path | None) -> None:
+def _worker(conn, name: str, model: str, ids: np.ndarray, threads: int, lib: Path | None) -> None:
     try:
-        fn = _system(name, model, batch, seq, threads, lib)
+        fn = _system(name, model, ids, threads, lib)
         fn()
     except Exception as err:  # noqa: BLE001 - reported as a table cell, the other systems go on
-        conn.send(f"failed: {type(err).__name__}: {err}".splitlines()[0][:200])
+        conn.send(_failure(err))
         return
     conn.send("ready")
     while (reps := conn.recv()) > 0:
@@ -198,6 +279,10 @@ def _worker(conn, name: str, model: str, batch: int, seq: int, threads: int, lib
     conn.send(peak_rss_mib())
 
 
+def _failure(err: Exception) -> str:
+    return f"failed: {type(err).__name__}: {err}".splitlines()[0][:200]
+
+
 def peak_rss_mib() -> float:
     """This process's high-water mark. Not ru_maxrss: Linux carries it across exec, so a spawned
     worker would report its parent's peak."""
@@ -207,19 +292,32 @@ def peak_rss_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def measure(systems: list[str], model: str, batch: int, seq: int, rounds: int, reps: int, threads: int
-            ) -> dict[str, tuple[list[float], float] | str]:
-    """name -> (times, peak RSS MiB), or the reason it could not run."""
+# -- in the parent ---------------------------------------------------------------------------------
+Result = dict[str, tuple[list[float], float] | str]
+
+
+def random_ids(model: str, batch: int, seq: int) -> np.ndarray:
+    """Token ids every system gets: random, from the upper part of the vocabulary (no special tokens)."""
+    vocab = json.loads((model_dir(model) / "config.json").read_text())["vocab_size"]
+    return np.random.default_rng(0).integers(min(1000, vocab // 2), min(20000, vocab), (batch, seq), dtype=np.int64)
+
+
+def measure(systems: list[str], model: str, batch: int, seq: int, rounds: int, reps: int, threads: int) -> Result:
+    """name -> (times in s, peak RSS MiB), or why it did not run (not installed, failed)."""
     ctx = mp.get_context("spawn")
     workers, result = {}, {}
+    ids = random_ids(model, batch, seq)
     for name in systems:  # one after the other: building would skew the others
+        if why := unavailable(name):
+            result[name] = why
+            continue
         try:
             lib = prepare(name, model, batch, seq)
         except Exception as err:  # noqa: BLE001 - as in the worker: a table cell, the others go on
-            result[name] = f"failed: {type(err).__name__}: {err}".splitlines()[0][:200]
+            result[name] = _failure(err)
             continue
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(child, name, model, batch, seq, threads, lib))
+        proc = ctx.Process(target=_worker, args=(child, name, model, ids, threads, lib))
         proc.start()
         status = parent.recv()
         if status != "ready":
@@ -228,6 +326,7 @@ def measure(systems: list[str], model: str, batch: int, seq: int, rounds: int, r
             continue
         os.kill(proc.pid, signal.SIGSTOP)
         workers[name] = (parent, proc)
+    time.sleep(SETTLE_S)  # this process built the systems: its own thread pools go quiet first
     times: dict[str, list[float]] = {k: [] for k in workers}
     for _ in range(rounds):
         for name, (conn, proc) in workers.items():
@@ -243,59 +342,104 @@ def measure(systems: list[str], model: str, batch: int, seq: int, rounds: int, r
     return result
 
 
-def table(rows: list[tuple[str, str, dict]]) -> str:
-    out = ["| model | batch x seq | system | median ms | vs PyTorch FP32 | of INT8 GEMM floor | peak RSS MiB |",
+def median_ms(res: Result, name: str) -> float | None:
+    cell = res.get(name)
+    return float(np.median(cell[0])) * 1e3 if isinstance(cell, tuple) else None
+
+
+RATIO = f"time vs {OURS}"
+LEGEND = (f"{RATIO}: a system's median over {OURS}'s in the same run (2.00x: takes twice as long as {OURS}; "
+          f"0.50x: half as long)")
+
+
+def table(rows: list[tuple[str, str, Result]]) -> str:
+    out = [f"| model | batch x seq | system | median ms | {RATIO} | of INT8 GEMM floor | peak RSS MiB |",
            "|---|---|---|---|---|---|---|"]
     for model, shape, res in rows:
-        med = {k: float(np.median(v[0])) * 1e3 for k, v in res.items() if not isinstance(v, str)}
-        for name in SYSTEMS:
-            if name not in res:
-                continue
-            if isinstance(res[name], str):
+        ours, floor = median_ms(res, OURS), median_ms(res, FLOOR)
+        for name in (n for n in SYSTEMS if n in res):
+            ms = median_ms(res, name)
+            if ms is None:
                 out.append(f"| {model} | {shape} | {name} | {res[name]} | | | |")
                 continue
-            ms = med[name]
-            speed = f"{med[BASE] / ms:.2f}x" if BASE in med else ""
-            floor = f"{med[FLOOR] / ms:.0%}" if FLOOR in med and name != FLOOR else ""
-            out.append(f"| {model} | {shape} | {name} | {ms:.2f} | {speed} | {floor} | {res[name][1]:.0f} |")
-    return "\n".join(out)
+            ratio = f"{ms / ours:.2f}x" if ours else ""
+            of_floor = f"{floor / ms:.0%}" if floor and name != FLOOR else ""
+            out.append(f"| {model} | {shape} | {name} | {ms:.2f} | {ratio} | {of_floor} | {res[name][1]:.0f} |")
+    return "\n".join([*out, "", LEGEND])
 
 
-def plot(rows: list[tuple[str, str, dict]], png: Path) -> bool:
+def cpu_model() -> str:
+    """The CPU's marketing name: /proc/cpuinfo's "model name" (x86), else lscpu's "Model name"
+    (ARM's cpuinfo has none; lscpu decodes the part number)."""
     try:
-        import matplotlib
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"},
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown CPU"
+    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name:")]
+    return names[0] if names else "unknown CPU"
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    groups = [f"{m}\n{s}" for m, s, _ in rows]
-    names = [n for n in SYSTEMS if any(n in r and not isinstance(r[n], str) for *_, r in rows)]
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(rows)), 4))
-    width = 0.8 / max(1, len(names))
-    for i, name in enumerate(names):
-        vals = [float(np.median(r[name][0])) * 1e3 if name in r and not isinstance(r[name], str) else 0 for *_, r in rows]
-        ax.bar(np.arange(len(rows)) + i * width, vals, width, label=name)
-    ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, groups)
-    ax.set_ylabel("median latency (ms)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
+
+def title(a: argparse.Namespace) -> str:
+    return (f"ibert-tvm bench on {cpu_model()}: {a.threads} threads, {a.rounds} rounds x {a.reps} calls\n"
+            f"{', '.join(a.models)} at batch x seq {', '.join(a.shapes)}; median latency")
+
+
+def plot(rows: list[tuple[str, str, Result]], png: Path, heading: str) -> None:
+    """Horizontal bars, one panel per model and shape (each on its own linear axis), every bar
+    labelled with its median and its time against ours; `heading` is the title (PNG metadata too)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in SYSTEMS if any(n in res for *_, res in rows)]
+    fig, axes = plt.subplots(len(rows), 1, squeeze=False, figsize=(9, 1.0 + len(rows) * (0.9 + 0.38 * len(names))))
+    for ax, (model, shape, res) in zip(axes[:, 0], rows):
+        ours = median_ms(res, OURS)
+        ms = [median_ms(res, n) for n in names]
+        bars = ax.barh(np.arange(len(names)), [v or 0.0 for v in ms],
+                       color=["tab:orange" if n == OURS else "tab:blue" for n in names])
+        labels = [_bar_label(res.get(n), v, ours) for n, v in zip(names, ms)]
+        ax.bar_label(bars, labels, padding=3, fontsize=8)
+        ax.set_yticks(np.arange(len(names)), names)
+        ax.invert_yaxis()  # ours on top
+        ax.set_xlim(0, 1.3 * max((v for v in ms if v), default=1.0))  # room for the labels
+        ax.set_title(f"{model}, batch x seq {shape}", fontsize=9)
+        ax.set_xlabel(f"median ms per forward (lower is faster); in brackets: time vs {OURS}", fontsize=8)
+        ax.set_ylabel("system", fontsize=8)
+    fig.suptitle(heading, fontsize=10)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
-    return True
+    fig.savefig(png, dpi=120, metadata={"Title": heading})
+    plt.close(fig)
+
+
+def _bar_label(cell: tuple | str | None, ms: float | None, ours: float | None) -> str:
+    if ms is None:
+        return cell.split(":")[0] if isinstance(cell, str) else ""  # "not installed", "failed"
+    return f"{ms:.2f} ms" + (f"  ({ms / ours:.2f}x)" if ours else "")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=["default"], choices=["default", "roberta-base"],
                    help="default: all-MiniLM-L6-v2; roberta-base: its shapes, random weights")
-    p.add_argument("--shapes", nargs="+", default=["1x128", "8x128", "1x256"], metavar="BxS")
-    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS), metavar="NAME",
-                   help="any of: " + "; ".join(SYSTEMS))
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--reps", type=int, default=15, help="timed calls per block (after 3 untimed)")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--png", default="artifacts/bench.png")
+    p.add_argument("--shapes", nargs="+", default=["1x128", "8x128", "1x256"], metavar="BxS",
+                   help="input shapes, batch x sequence length")
+    p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), metavar="NAME",
+                   help="systems to time, by the names listed below (default: all)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds: each system's block once a round")
+    p.add_argument("--reps", type=int, default=15, help=f"timed calls per block (after {WARMUP} untimed)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="threads of every system")
+    p.add_argument("--png", default="artifacts/bench.png", help="the plot")
+    width = max(map(len, SYSTEMS))
+    p.epilog = "systems:\n" + "\n".join(f"  {n:<{width}}  {s.about}" for n, s in SYSTEMS.items())
 
 
 def run(a: argparse.Namespace) -> int:
@@ -306,9 +450,15 @@ def run(a: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"shape must look like 1x128 (batch x seq), got {s!r}") from None
         shapes.append((b, n))
-    systems = [s for s in SYSTEMS if s in a.systems]
+    systems = [s for s in SYSTEMS if s in (a.systems or SYSTEMS)]
+    for name in systems:
+        if why := unavailable(name):
+            print(f"ibert-tvm bench: skipping {name}: {why}", file=sys.stderr)
     rows = [(m, f"{b}x{n}", measure(systems, m, b, n, a.rounds, a.reps, a.threads)) for m in a.models for b, n in shapes]
     print(table(rows))
-    if plot(rows, Path(a.png)):
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"\nno plot: it {install_hint(['matplotlib'])}", file=sys.stderr)
+    elif any(median_ms(res, n) for *_, res in rows for n in res):
+        plot(rows, Path(a.png), title(a))
         print(f"\nplot: {a.png}")
     return 0

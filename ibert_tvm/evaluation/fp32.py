@@ -17,19 +17,19 @@ def fp32_model(model: str, model_class: str | None = None):
 
 
 def fp32_embeddings(model: str, texts: list[str], seq_len: int) -> np.ndarray:
-    """Mean-pooled, normalised FP32 sentence embeddings, pooled exactly as `Runner.embed` pools."""
+    """Mean-pooled, normalised FP32 sentence embeddings, pooled by the sentence-embedding pipeline's `pool`."""
     import torch
 
     from .. import checkpoint
     from ..calibrate import tokenizer_batches
-    from ..runner import mean_pool
+    from ..pipelines import pool
 
     net = fp32_model(model, "IBertModel")
     (batch,) = tokenizer_batches(checkpoint.resolve(model) / "tokenizer.json", texts, len(texts), seq_len,
                                  net.config.pad_token_id)
     with torch.no_grad():
         hidden = net(**batch).last_hidden_state.numpy()
-    return mean_pool(hidden, batch["attention_mask"].numpy())
+    return pool(hidden, batch["attention_mask"].numpy())
 
 
 def tvm_fp32_session(path: Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
