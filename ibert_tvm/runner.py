@@ -247,13 +247,15 @@ class Runner:
         return {k: v.astype(np.float32) * scales[k].astype(np.float32) for k, v in ints.items()}
 
 
-CALL_COST = 0.1  # a library call's fixed cost, in rows of work (default model, 1x128: 8 rows cost 7.5 rows)
+# A library call's fixed cost, in rows of work: default model at 128 tokens on a 2-vCPU Xeon, one
+# row took 5.0 ms and eight 29.3 ms (scripts/batch_check.py), i.e. 3.5 ms a row + 1.5 ms a call.
+CALL_COST = 0.4
 
 
 def plan_batches(rows: int, batches: list[int]) -> list[int]:
     """Batch sizes, largest first, whose calls cover `rows` rows at the least cost, a call of b rows
     costing b + CALL_COST: no padding where the sizes add up exactly, then the fewest calls.
-    With {1, 8}: 9 rows are 8 + 1, 5 rows five single calls, 8 one call."""
+    With {1, 8}: 9 rows are 8 + 1, 5 rows five single calls, 7 rows one call of 8."""
     best = [0.0] + [float("inf")] * rows
     last = [0] * (rows + 1)
     for r in range(1, rows + 1):

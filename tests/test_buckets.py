@@ -84,4 +84,6 @@ def test_plan_for_one_and_eight():
     assert plan_batches(1, [1, 8]) == [1]
     assert plan_batches(9, [1, 8]) == [8, 1]
     assert plan_batches(16, [1, 8]) == [8, 8]
+    assert plan_batches(5, [1, 8]) == [1] * 5
+    assert plan_batches(7, [1, 8]) == [8]
     assert plan_batches(3, [8]) == [8]
