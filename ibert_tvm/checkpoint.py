@@ -242,7 +242,8 @@ def transformers_quiet() -> Iterator[None]:
     itself), other log lines and progress bars stay out of the output. Should transformers fail, what
     it logged is shown after all: its errors point at that report."""
     root = hf_logging.get_logger()  # the library's root logger, where every transformers logger ends
-    shown = list(root.handlers)
+    shown, propagate = list(root.handlers), root.propagate
+    root.propagate = False  # transformers propagates to Python's root logger when CI is set
     held = logging.handlers.BufferingHandler(capacity=1 << 16)
     bars = hf_logging.is_progress_bar_enabled()
     for handler in shown:
@@ -257,6 +258,7 @@ def transformers_quiet() -> Iterator[None]:
         raise
     finally:
         root.removeHandler(held)
+        root.propagate = propagate
         for handler in shown:
             root.addHandler(handler)
         if bars:

@@ -358,6 +358,30 @@ def _add_bench(sub: Any) -> None:
     p.set_defaults(fn=bench.run)
 
 
+def cmd_profile(a: argparse.Namespace) -> int:
+    import importlib.util
+
+    from .evaluation import bench, profile
+
+    if a.png and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError(f"--png {bench.install_hint(['matplotlib'])}")
+    report = profile.profile(Path(a.artifact), a.batch, a.seq_len, a.threads, a.reps, floor=not a.no_floor)
+    print(profile.table(report))
+    if a.png:
+        profile.plot(report, Path(a.png))
+        print(f"\nplot: {a.png}")
+    return 0
+
+
+def _add_profile(sub: Any) -> None:
+    from .evaluation import profile
+
+    p = sub.add_parser("profile", help="time each kernel of a compiled artifact's forward, by role, with GEMM "
+                                       "throughput against the machine's INT8 floor", description=profile.__doc__)
+    profile.add_arguments(p)
+    p.set_defaults(fn=cmd_profile)
+
+
 def _add_keygen(sub: Any) -> None:
     p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts (compile --sign-key) "
                                       "and verifying them (run --verify-key)")
@@ -478,8 +502,8 @@ def _add_eval(sub: Any) -> None:
     p.set_defaults(fn=cmd_eval)
 
 
-COMMANDS = (_add_compile, _add_tune, _add_calibrate, _add_bench, _add_keygen, _add_targets, _add_run, _add_demo,
-            _add_finetune, _add_eval)
+COMMANDS = (_add_compile, _add_tune, _add_calibrate, _add_bench, _add_profile, _add_keygen, _add_targets, _add_run,
+            _add_demo, _add_finetune, _add_eval)
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):

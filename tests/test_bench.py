@@ -161,3 +161,74 @@ def test_tvm_fp32_baseline_matches_pytorch(tmp_path):
     assert np.abs(want.numpy()).max() > 0.5
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
     assert tvm_fp32_library(net, 2, 16, tmp_path / "work") == lib  # cached
+
+
+def ms(*times: float) -> tuple[list[float], float]:
+    """A measured cell of these times (ms)."""
+    return [t / 1e3 for t in times], 100.0
+
+
+def test_headline_names_the_fastest_int8_peer_of_each_run():
+    rows = [("tiny", "1x16", {bench.OURS: ms(2.0, 2.2, 2.4), "openvino-int8": ms(2.5), "ort-int8": ms(4.0),
+                              "torch-fp32": ms(1.0), "torch-dynamic-int8": "failed: RuntimeError: boom"}),
+            ("tiny", "8x16", {bench.OURS: ms(10.0), "torch-dynamic-int8": ms(8.0), "ort-int8": ms(9.0)}),
+            ("tiny", "1x32", {bench.OURS: ms(3.0), "openvino-fp32": ms(1.0)})]  # no INT8 peer ran: no line
+    assert bench.headline(rows).splitlines() == [
+        ("tiny 1x16: ibert-tvm 2.20 ms, 0.88x the time of openvino-int8 (2.50 ms), the fastest INT8 peer run "
+         "(openvino-int8, ort-int8)"),
+        ("tiny 8x16: ibert-tvm 10.00 ms, 1.25x the time of torch-dynamic-int8 (8.00 ms), the fastest INT8 peer run "
+         "(ort-int8, torch-dynamic-int8)"),
+    ]
+
+
+def tiny_bert_checkpoint(path) -> str:
+    """A random BERT encoder, as transformers saves one (MiniLM's layout, tiny), without a pooler."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bert", "ibert"])
+def test_ort_int8_is_onnx_runtimes_fused_dynamic_int8_and_close_to_pytorch(kind, tiny_checkpoint, tmp_path, capsys):
+    """ort-int8 follows ONNX Runtime's advice for BERT: transformers' own class (the same FP32 weights
+    as the IBert the other systems run), optimize_model's fused ops, per-channel dynamic INT8 of them."""
+    needs("onnxruntime")
+    needs("onnx")
+    import onnx
+    import torch
+
+    from ibert_tvm.evaluation.baselines import onnx_path, transformers_fp32
+    from ibert_tvm.evaluation.fp32 import fp32_model
+
+    folder = tiny_bert_checkpoint(tmp_path / "bert") if kind == "bert" else tiny_checkpoint
+    net = transformers_fp32(folder)
+    assert type(net).__name__ == ("BertModel" if kind == "bert" else "RobertaModel")
+    assert (net.pooler is None) == (kind == "bert")  # as the checkpoint has (save_checkpoint's IBertModel has one)
+    ids, mask = (a.astype(np.int64) for a in random_inputs(np.random.default_rng(0), 2, 24, pads=[0, 5]))  # not the export's 1x16
+    with torch.no_grad():
+        want = net(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+        ibert = fp32_model(folder, "IBertModel")(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    real = mask.astype(bool)  # IBert numbers pad tokens' positions RoBERTa's way, BERT does not
+    np.testing.assert_allclose(ibert.last_hidden_state.numpy()[real], want[real], atol=1e-5)  # the same weights
+    assert np.abs(want).max() > 0.5
+
+    got, ops = {}, {}
+    for int8 in (False, True):
+        path = onnx_path(net, tmp_path / "onnx", int8=int8)
+        assert onnx_path(net, tmp_path / "onnx", int8=int8) == path  # cached
+        ops[int8] = {n.op_type for n in onnx.load(path).graph.node}
+        got[int8] = bench.onnx_session(path, 1)(ids, mask)  # the shape was not fixed by the export
+    assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= ops[False] and "Softmax" not in ops[False]
+    assert {"QAttention", "MatMulInteger", "SkipLayerNormalization"} <= ops[True] and "Attention" not in ops[True]
+    np.testing.assert_allclose(got[False], want, atol=1e-4)
+    err = np.abs(got[True] - want).max()
+    cos = (got[True] * want).sum(-1) / np.linalg.norm(got[True], axis=-1) / np.linalg.norm(want, axis=-1)
+    with capsys.disabled():
+        print(f"\n{kind}: ort-int8 vs PyTorch FP32 last_hidden_state: max abs diff {err:.4f}, min cosine {cos.min():.5f}")
+    assert cos.min() > 0.99 and err < 0.1 * np.abs(want).max()
+    assert err > 1e-4  # quantized: not the FP32 result

@@ -145,13 +145,14 @@ def test_a_class_that_needs_a_pooler_counts_it_as_head(tmp_path):
 
 def test_quiet_loading_restores_transformers_output_and_replays_it_on_failure(transformers_log):
     log = hf_logging.get_logger("transformers.modeling_utils")
-    handlers, bars = list(hf_logging.get_logger().handlers), hf_logging.is_progress_bar_enabled()
+    root = hf_logging.get_logger()
+    handlers, bars, propagate = list(root.handlers), hf_logging.is_progress_bar_enabled(), root.propagate
     with checkpoint.transformers_quiet():
         log.warning("report of a load that went well")
     with pytest.raises(RuntimeError, match="transformers failed"), checkpoint.transformers_quiet():
         log.warning("report of a load that failed")
         raise RuntimeError("transformers failed: see the report above")
-    assert hf_logging.get_logger().handlers == handlers and hf_logging.is_progress_bar_enabled() == bars
+    assert root.handlers == handlers and hf_logging.is_progress_bar_enabled() == bars and root.propagate == propagate
     log.warning("after")
     assert transformers_log.getvalue().splitlines() == ["report of a load that failed", "after"]
 

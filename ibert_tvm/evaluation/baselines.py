@@ -1,9 +1,9 @@
-"""CPU baselines for the same FP32 IBert, made ready to deploy: PyTorch dynamic INT8, the ONNX Runtime
-FP32/INT8 files, OpenVINO's FP32/INT8 IR, and TVM's own FP32 path (its PyTorch frontend, with plain
-schedules). The runtimes that run them (`bench.onnx_session`, `bench.openvino_session`) need no PyTorch.
+"""CPU baselines for the same FP32 weights, made ready to deploy: PyTorch dynamic INT8, ONNX Runtime's
+fused FP32/INT8 files (transformers' own Bert/Roberta class, as ONNX Runtime's BERT tooling expects),
+OpenVINO's FP32/INT8 IR, and TVM's own FP32 path (its PyTorch frontend, with plain schedules). The
+runtimes that run them (`bench.onnx_session`, `bench.openvino_session`) need no PyTorch.
 
-Needs the `compile` extra plus the `bench` extra's onnx, onnxscript (the dynamo exporter needs it),
-openvino and nncf.
+Needs the `compile` extra plus the `bench` extra's onnxruntime, onnx, openvino and nncf.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -102,28 +103,73 @@ def _stem(model: nn.Module, batch: int, seq: int, workdir: Path) -> Path:
     return Path(workdir) / f"ibert-{_fingerprint(model)}-b{batch}-s{seq}"
 
 
-def _export_fp32(model: nn.Module, batch: int, seq: int, path: Path) -> None:
-    ids = torch.ones(batch, seq, dtype=torch.int64)
-    # dynamo=True: the TorchScript exporter gives wrong outputs for IBert. One file
-    # (external_data=False) so quantize_dynamic and the cache handle a single path.
-    with _evaluating(model):
-        torch.onnx.export(_LastHidden(model).eval(), (ids, torch.ones_like(ids)), str(path), dynamo=True, external_data=False,
-                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"])
+def transformers_fp32(folder: Path) -> nn.Module:
+    """The checkpoint in `folder` as transformers' own FP32 encoder, the class ONNX Runtime's BERT
+    optimizer is written for: a BertModel for BERT, a RobertaModel for RoBERTa and IBert (IBert's
+    float tensors are RoBERTa's, its integer buffers are left out), with a pooler when the checkpoint
+    has one. Eager attention: the optimizer fuses its pattern into Attention, not SDPA's."""
+    from transformers import AutoConfig, BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    from ..checkpoint import tensor_names, transformers_quiet
+
+    kind = AutoConfig.from_pretrained(folder).model_type
+    classes = {"bert": (BertConfig, BertModel), "roberta": (RobertaConfig, RobertaModel),
+               "ibert": (RobertaConfig, RobertaModel)}
+    if kind not in classes:
+        raise ValueError(f"{folder}: model type {kind!r} has no transformers FP32 class here; "
+                         f"supported: {', '.join(classes)}")
+    config_class, model_class = classes[kind]
+    pooler = any(".pooler." in f".{name}" for name in tensor_names(Path(folder)))
+    with transformers_quiet():
+        config = config_class.from_pretrained(folder, attn_implementation="eager")
+        return model_class.from_pretrained(folder, config=config, add_pooling_layer=pooler).eval()
 
 
-def onnx_path(model: nn.Module, batch: int, seq: int, workdir: Path, int8: bool) -> Path:
-    """The cached .onnx for this model and static shape, exported (and quantised) on first use."""
-    stem = _stem(model, batch, seq, workdir)
-    fp32 = _cached(stem.with_name(stem.name + "-fp32.onnx"), lambda tmp: _export_fp32(model, batch, seq, tmp))
+def _export_fp32(model: nn.Module, path: Path) -> None:
+    """The TorchScript exporter at opset 17 with batch and sequence left open, as ONNX Runtime's
+    BERT examples export: the optimizer's fusions match that graph (static shapes fold the mask's
+    Expand and Reshape away, and the attention is then not fused). One file, no external data."""
+    ids = torch.ones(1, 16, dtype=torch.int64)
+    axes = {0: "batch", 1: "sequence"}
+    # quiet: this exporter's deprecation, and tracer warnings about a mask branch on lengths that
+    # stay equal at every shape (the tests run the file at another shape than this example's)
+    with torch.no_grad(), _evaluating(model), warnings.catch_warnings(action="ignore"):
+        torch.onnx.export(_LastHidden(model).eval(), (ids, torch.ones_like(ids)), str(path), dynamo=False,
+                          opset_version=17, input_names=["input_ids", "attention_mask"],
+                          output_names=["last_hidden_state"],
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes})
+
+
+def onnx_path(model: nn.Module, workdir: Path, int8: bool) -> Path:
+    """ONNX Runtime's advice for BERT on CPU, applied to `model` (a `transformers_fp32`): the export,
+    `optimize_model`'s fused graph (EmbedLayerNormalization, Attention, SkipLayerNormalization,
+    BiasGelu), and for `int8` that graph through `quantize_dynamic` with per-channel s8 weights
+    (QAttention, MatMulInteger). Any batch and length; cached by content and ONNX Runtime version."""
+    import onnxruntime
+
+    stem = Path(workdir) / f"{model.config.model_type}-{_fingerprint(model)}-ort{onnxruntime.__version__}"
+    exported = _cached(stem.with_name(stem.name + "-export.onnx"), lambda tmp: _export_fp32(model, tmp))
+
+    def optimize(tmp: Path) -> None:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        c = model.config
+        optimize_model(str(exported), model_type="bert", num_heads=c.num_attention_heads,
+                       hidden_size=c.hidden_size).save_model_to_file(str(tmp))
+
+    fused = _cached(stem.with_name(stem.name + "-fused-fp32.onnx"), optimize)
     if not int8:
-        return fp32
+        return fused
 
     def quantize(tmp: Path) -> None:
+        import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(fp32, tmp, weight_type=QuantType.QInt8)
+        # without a default type the quantizer stops at the fused ops' outputs (no type to infer)
+        quantize_dynamic(fused, tmp, weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
-    return _cached(stem.with_name(stem.name + "-int8.onnx"), quantize)
+    return _cached(stem.with_name(stem.name + "-fused-int8.onnx"), quantize)
 
 
 def _cached_dir(path: Path, make: Callable[[Path], object]) -> Path:

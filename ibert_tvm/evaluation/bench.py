@@ -48,16 +48,18 @@ SYSTEMS = {
     OURS: System("the compiled integer-only library (TVM runtime only)"),
     "openvino-int8": System("OpenVINO, NNCF static INT8 (transformer preset: SmoothQuant, bias correction)",
                             ("openvino", "nncf")),
-    "ort-int8": System("ONNX Runtime, quantize_dynamic (s8 weights)", ("onnxruntime", "onnx", "onnxscript")),
+    "ort-int8": System("ONNX Runtime as it advises for BERT: transformers' class exported, optimize_model's fused "
+                       "Attention/SkipLayerNorm/BiasGelu, quantize_dynamic (per-channel s8)", ("onnxruntime", "onnx")),
     "torch-dynamic-int8": System("PyTorch quantize_dynamic of the FP32 model's Linear layers"),
     "openvino-fp32": System("OpenVINO FP32 (INFERENCE_PRECISION_HINT f32)", ("openvino",)),
-    "ort-fp32": System("ONNX Runtime FP32 (dynamo export)", ("onnxruntime", "onnx", "onnxscript")),
+    "ort-fp32": System("ONNX Runtime FP32, the fused graph ort-int8 quantizes", ("onnxruntime", "onnx")),
     "tvm-fp32": System("the FP32 model through TVM's PyTorch frontend, TVM-fused ops, plain CPU schedules"),
     "torch-fp32": System("PyTorch FP32 eager (IBert, quant_mode=False)"),
     "hf-ibert-sim": System("HuggingFace's float simulation of I-BERT (quant_mode=True)"),
     FLOOR: System("the model's INT8 GEMMs alone, torch._int_mm (oneDNN)"),
 }
 TORCH_FREE = (OURS, "tvm-fp32", "ort-int8", "ort-fp32", "openvino-int8", "openvino-fp32")
+INT8_PEERS = ("openvino-int8", "ort-int8", "torch-dynamic-int8")  # the headline compares ours with the fastest
 ROBERTA_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                     vocab_size=50265, max_position_embeddings=514, pad_token_id=1)
 CACHE = cache_dir()
@@ -136,11 +138,12 @@ def prepare(name: str, model: str, batch: int, seq: int) -> Path | None:
     from . import baselines
     from .fp32 import fp32_model
 
+    if name.startswith("ort-"):
+        return baselines.onnx_path(baselines.transformers_fp32(model_dir(model)), CACHE / "onnx",
+                                   int8=name == "ort-int8")
     net = fp32_model(str(model_dir(model)), "IBertModel")
     if name == "tvm-fp32":
         return baselines.tvm_fp32_library(net, batch, seq, CACHE / "tvm-fp32")
-    if name.startswith("ort-"):
-        return baselines.onnx_path(net, batch, seq, CACHE / "onnx", int8=name == "ort-int8")
     feeds = None
     if name == "openvino-int8":
         feeds = calibration_feeds(model_dir(model) / "tokenizer.json", seq, net.config.pad_token_id)
@@ -152,12 +155,13 @@ Session = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def onnx_session(path: Path, threads: int) -> Session:
-    """ONNX Runtime on CPU over an exported model (`baselines.onnx_path`): `run(ids, mask) -> last_hidden_state`."""
+    """ONNX Runtime on CPU over `baselines.onnx_path`'s model: `run(ids, mask) -> last_hidden_state`."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return lambda ids, mask: sess.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
 
@@ -240,19 +244,26 @@ def _torch_system(name: str, model: str, ids: np.ndarray, mask: np.ndarray, thre
 
 def _gemm_floor(model: str, batch: int, seq: int) -> Callable[[], None]:
     """Every INT8 matrix product of one forward (projections, FFN, per-head attention), nothing else."""
-    import torch
     from transformers import IBertConfig
 
     c = IBertConfig.from_pretrained(model_dir(model))
     rows, h, d = batch * seq, c.hidden_size, c.hidden_size // c.num_attention_heads
     shapes = [(rows, h, 3 * h), (rows, h, h), (rows, h, c.intermediate_size), (rows, c.intermediate_size, h)]
     shapes += [(seq, d, seq), (seq, seq, d)] * (batch * c.num_attention_heads)
-    # torch._int_mm wants M > 16 and K, N multiples of 8
-    mats = [(torch.randint(-128, 127, (max(m, 32), k), dtype=torch.int8), torch.randint(-128, 127, (k, n), dtype=torch.int8))
-            for m, k, n in shapes]
+    return int8_gemms(shapes, c.num_hidden_layers)
+
+
+def int8_gemms(shapes: list[tuple[int, int, int]], times: int = 1) -> Callable[[], None]:
+    """A callable running `torch._int_mm` on random INT8 matrices of each (M, K, N) in `shapes`,
+    `times` over: the oneDNN floor of those products (the bench's floor, profile's per role)."""
+    import torch
+
+    # torch._int_mm wants M > 16 and K, N multiples of 8: smaller products are timed padded up
+    mats = [(torch.randint(-128, 127, (max(m, 32), -(-k // 8) * 8), dtype=torch.int8),
+             torch.randint(-128, 127, (-(-k // 8) * 8, -(-n // 8) * 8), dtype=torch.int8)) for m, k, n in shapes]
 
     def run() -> None:
-        for _ in range(c.num_hidden_layers):
+        for _ in range(times):
             for a, b in mats:
                 torch._int_mm(a, b)
 
@@ -368,6 +379,20 @@ def table(rows: list[tuple[str, str, Result]]) -> str:
     return "\n".join([*out, "", LEGEND])
 
 
+def headline(rows: list[tuple[str, str, Result]]) -> str:
+    """One line per model and shape: our median over the fastest INT8 peer's of that run, named."""
+    out = []
+    for model, shape, res in rows:
+        ours = median_ms(res, OURS)
+        peers = {n: ms for n in INT8_PEERS if (ms := median_ms(res, n)) is not None}
+        if ours is None or not peers:
+            continue
+        best = min(peers, key=peers.get)
+        out.append(f"{model} {shape}: {OURS} {ours:.2f} ms, {ours / peers[best]:.2f}x the time of {best} "
+                   f"({peers[best]:.2f} ms), the fastest INT8 peer run ({', '.join(peers)})")
+    return "\n".join(out)
+
+
 def cpu_model() -> str:
     """The CPU's marketing name: /proc/cpuinfo's "model name" (x86), else lscpu's "Model name"
     (ARM's cpuinfo has none; lscpu decodes the part number)."""
@@ -456,6 +481,8 @@ def run(a: argparse.Namespace) -> int:
             print(f"ibert-tvm bench: skipping {name}: {why}", file=sys.stderr)
     rows = [(m, f"{b}x{n}", measure(systems, m, b, n, a.rounds, a.reps, a.threads)) for m in a.models for b, n in shapes]
     print(table(rows))
+    if line := headline(rows):
+        print(f"\n{line}")
     if importlib.util.find_spec("matplotlib") is None:
         print(f"\nno plot: it {install_hint(['matplotlib'])}", file=sys.stderr)
     elif any(median_ms(res, n) for *_, res in rows for n in res):
