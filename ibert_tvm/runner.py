@@ -240,6 +240,14 @@ class Runner:
             chunks.append([o.numpy() for o in self._vm.get_outputs(main)])
         return chunks
 
+    def set_instrument(self, fn: Any) -> None:
+        """Call `fn(func, symbol, before, ret, *args)` before and after every call the library's VM
+        makes (TVM's VM instrument; `ibert-tvm profile` times kernels with it); None removes it."""
+        with self._lock:
+            if self._vm is None:
+                raise RuntimeError(f"this Runner of {self.path} is closed")
+            self._vm.set_instrument(fn)
+
     def run(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> dict[str, np.ndarray]:
         """Float outputs: the integers times their scales."""
         ints = self.run_integer(input_ids, attention_mask, token_type_ids)

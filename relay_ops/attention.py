@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from ibert_tvm.program import Layer, Softmax
+from ibert_tvm.program import EXP_CONST, Layer, Requant, Softmax
 
 from .common import I64, Consts, Kernel, c64, iexp, make_kernel, requant
 from .gemm import GROUP, LANES, U8_SHIFT, Part, int8_matmul, packable
@@ -56,6 +56,22 @@ def scores_kernel(name: str, batch: int, seq: int, hidden: int, heads: int, a_sh
     return make_kernel(name, "gemm", [qkv], out, Consts(name))
 
 
+def _fits_int16(rq: Requant) -> bool:
+    """i-exp's clamp keeps its output in int16 (HF's QuantAct(16)): softmax can stay in int32."""
+    return rq.lo is not None and -(1 << 15) <= rq.lo and rq.hi < 1 << 15
+
+
+def _times_factor(e: tirx.PrimExpr, factor: tirx.PrimExpr, shift: int) -> tirx.PrimExpr:
+    """floor(e * factor / 2**shift) in int32, for |e| <= 2**15, 0 <= factor < 2**32 and shift >= 16.
+
+    With factor = hi * 2**16 + lo: floor((e * hi + floor(e * lo / 2**16)) / 2**(shift - 16)); both
+    products and their sum stay within int32 (|e * hi| <= 2**31 - 2**15, |e * lo >> 16| <= 2**15).
+    """
+    hi = (factor >> c64(16)).astype("int32")
+    lo = (factor & c64(0xFFFF)).astype("int32")
+    return (e * hi + ((e * lo) >> 16)) >> (shift - 16)
+
+
 def softmax_kernel(name: str, sm: Softmax, batch: int, heads: int, seq: int) -> Kernel:
     """i-softmax over keys; masked keys (mask == 0) are excluded from the max and get 0."""
     scores = te.placeholder((batch, heads, seq, seq), "int32", name="scores")
@@ -67,23 +83,37 @@ def softmax_kernel(name: str, sm: Softmax, batch: int, heads: int, seq: int) -> 
         lambda b, h, i: te.max(tirx.Select(mask[b, j] != 0, scores[b, h, i, j], low), axis=j),
         name="rowmax",
     )
-    e = te.compute(
-        (batch, heads, seq, seq),
-        lambda b, h, i, k: tirx.Select(
-            mask[b, k] != 0, iexp(scores[b, h, i, k].astype(I64) - mx[b, h, i].astype(I64), sm.exp), c64(0)
-        ).astype("int32"),
-        name="exp",
-    )
+    # max - score of a kept key lies in [0, 2**32): exact in uint32 (wrapping) arithmetic, and i-exp
+    # clamps it below 2**31 anyway; masked keys' garbage is discarded by the select
+    lim = tirx.const(EXP_CONST * -sm.exp.x0, "uint32")
+
+    def exp(b, h, i, k):
+        gap = tirx.min(mx[b, h, i].astype("uint32") - scores[b, h, i, k].astype("uint32"), lim)
+        return tirx.Select(mask[b, k] != 0, iexp(-gap.astype("int32"), sm.exp), c64(0)).astype("int32")
+
+    e = te.compute((batch, heads, seq, seq), exp, name="exp")
+    small = _fits_int16(sm.exp.out)  # then the row sum fits int32 up to 2**16 keys
+    sum_dt = "int32" if small and seq <= 1 << 16 else I64
     j2 = te.reduce_axis((0, seq), name="j2")
-    total = te.compute((batch, heads, seq), lambda b, h, i: te.sum(e[b, h, i, j2].astype(I64), axis=j2), name="total")
+    total = te.compute((batch, heads, seq), lambda b, h, i: te.sum(e[b, h, i, j2].astype(sum_dt), axis=j2), name="total")
     factor = te.compute(
-        (batch, heads, seq), lambda b, h, i: tirx.floordiv(c64(1 << 32), tirx.max(total[b, h, i], c64(1))), name="factor"
+        (batch, heads, seq),
+        lambda b, h, i: tirx.floordiv(c64(1 << 32), tirx.max(total[b, h, i].astype(I64), c64(1))),
+        name="factor",
     )
-    out = te.compute(
-        (batch, heads, seq, seq),
-        lambda b, h, i, k: tirx.min((e[b, h, i, k].astype(I64) * factor[b, h, i]) >> c64(32 - sm.out_bits), c64(255)).astype("uint8"),
-        name="O",
-    )
+    shift = 32 - sm.out_bits
+    int32 = small and 8 <= sm.out_bits <= 16
+
+    def prob(b, h, i, k):
+        if int32:
+            # factor capped at 2**32 - 1 to fit uint32: that changes e * factor >> shift only for total == 1,
+            # e * 2**out_bits - 1 for e > 0 (still >= 255, the clamp), unchanged for e <= 0 (|e| < 2**shift)
+            p = _times_factor(e[b, h, i, k], tirx.min(factor[b, h, i], c64((1 << 32) - 1)), shift)
+        else:
+            p = (e[b, h, i, k].astype(I64) * factor[b, h, i]) >> c64(shift)
+        return tirx.min(p, tirx.const(255, "int32" if int32 else I64)).astype("uint8")
+
+    out = te.compute((batch, heads, seq, seq), prob, name="O")
     return make_kernel(name, "rowwise", [scores, mask], out, Consts(name))
 
 

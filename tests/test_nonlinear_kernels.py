@@ -43,6 +43,31 @@ def test_softmax_kernel_matches_reference_across_exp_intervals(scale):
     assert np.abs(got[0] / 256 - real[0] / real[0].sum(-1, keepdims=True)).max() < 0.03
 
 
+@pytest.mark.parametrize("exp_at_zero,clamp", [(1, INT16), (2, INT16), (32767, INT16), (1 << 20, (0, 1 << 21))])
+def test_softmax_kernel_matches_reference_at_its_edges(exp_at_zero, clamp):
+    """int32's whole range in one row (gaps near 2**32), one kept key (row sum == exp(0), 1 included:
+    the normalizing factor 2**32), power-of-two sums, fully masked rows; i-exp outputs past int16 take
+    the int64 path."""
+    scale = 1e-3
+    c = (1 / 0.35815147) / scale**2
+    sm = Softmax(exp=iexp(scale, exp_at_zero / c, clamp=clamp))
+    rng = np.random.default_rng(2)
+    batch, heads, seq = 4, 2, 32
+    lo, hi = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+    scores = rng.integers(lo, hi, (batch, heads, seq, seq), endpoint=True).astype(np.int32)
+    scores[..., 0], scores[..., 1] = hi, lo
+    scores[:, 1, ::2, 2:] = scores[:, 1, ::2, :1]  # rows of equal scores: the sum is seq * exp(0)
+    mask = np.ones((batch, seq), np.int32)
+    mask[1, 1:] = 0
+    mask[2, :] = 0
+    mask[3, 16:] = 0
+    got = run_kernel(softmax_kernel("sm", sm, batch, heads, seq), scores, mask)
+    # in int64: the reference's int32 `scores - max` would wrap for gaps of 2**31 and more
+    want = reference.softmax(scores.astype(np.int64), mask[:, None, None, :], sm)
+    assert (got == want).all()
+    assert (got[1, :, :, 0] == 255).all() and not got[2].any()
+
+
 def test_tanh_kernel_matches_reference_and_tanh():
     n = 32
     acc_scale = np.full(n, 6.0 / 127)  # int8 inputs cover [-6, 6]

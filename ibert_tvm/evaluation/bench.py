@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -416,34 +417,52 @@ def title(a: argparse.Namespace) -> str:
             f"{', '.join(a.models)} at batch x seq {', '.join(a.shapes)}; median latency")
 
 
-def plot(rows: list[tuple[str, str, Result]], png: Path, heading: str) -> None:
-    """Horizontal bars, one panel per model and shape (each on its own linear axis), every bar
-    labelled with its median and its time against ours; `heading` is the title (PNG metadata too)."""
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only (no display here)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in SYSTEMS if any(n in res for *_, res in rows)]
-    fig, axes = plt.subplots(len(rows), 1, squeeze=False, figsize=(9, 1.0 + len(rows) * (0.9 + 0.38 * len(names))))
-    for ax, (model, shape, res) in zip(axes[:, 0], rows):
-        ours = median_ms(res, OURS)
-        ms = [median_ms(res, n) for n in names]
-        bars = ax.barh(np.arange(len(names)), [v or 0.0 for v in ms],
-                       color=["tab:orange" if n == OURS else "tab:blue" for n in names])
-        labels = [_bar_label(res.get(n), v, ours) for n, v in zip(names, ms)]
-        ax.bar_label(bars, labels, padding=3, fontsize=8)
-        ax.set_yticks(np.arange(len(names)), names)
-        ax.invert_yaxis()  # ours on top
-        ax.set_xlim(0, 1.3 * max((v for v in ms if v), default=1.0))  # room for the labels
-        ax.set_title(f"{model}, batch x seq {shape}", fontsize=9)
-        ax.set_xlabel(f"median ms per forward (lower is faster); in brackets: time vs {OURS}", fontsize=8)
-        ax.set_ylabel("system", fontsize=8)
+    return plt
+
+
+def bars(ax: Any, names: list[str], values: list[float | None], labels: list[str], orange: list[bool],
+         xlabel: str, room: float) -> None:
+    """Labelled horizontal bars on a linear axis, the first name on top; `room`: the axis runs to
+    that multiple of the longest bar, so that the labels fit."""
+    drawn = ax.barh(np.arange(len(names)), [v or 0.0 for v in values],
+                    color=["tab:orange" if o else "tab:blue" for o in orange])
+    ax.bar_label(drawn, labels, padding=3, fontsize=8)
+    ax.set_yticks(np.arange(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, room * max((v for v in values if v), default=1.0))
+    ax.set_xlabel(xlabel, fontsize=8)
+
+
+def save(fig: Any, png: Path, heading: str) -> None:
+    """`heading` as the figure's title and the PNG's Title metadata."""
     fig.suptitle(heading, fontsize=10)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120, metadata={"Title": heading})
-    plt.close(fig)
+    pyplot().close(fig)
+
+
+def plot(rows: list[tuple[str, str, Result]], png: Path, heading: str) -> None:
+    """Horizontal bars, one panel per model and shape (each on its own linear axis), every bar
+    labelled with its median and its time against ours; `heading` is the title (PNG metadata too)."""
+    names = [n for n in SYSTEMS if any(n in res for *_, res in rows)]
+    fig, axes = pyplot().subplots(len(rows), 1, squeeze=False,
+                                  figsize=(9, 1.0 + len(rows) * (0.9 + 0.38 * len(names))))
+    for ax, (model, shape, res) in zip(axes[:, 0], rows):
+        ours = median_ms(res, OURS)
+        ms = [median_ms(res, n) for n in names]
+        bars(ax, names, ms, [_bar_label(res.get(n), v, ours) for n, v in zip(names, ms)], [n == OURS for n in names],
+             f"median ms per forward (lower is faster); in brackets: time vs {OURS}", 1.3)
+        ax.set_title(f"{model}, batch x seq {shape}", fontsize=9)
+        ax.set_ylabel("system", fontsize=8)
+    save(fig, png, heading)
 
 
 def _bar_label(cell: tuple | str | None, ms: float | None, ours: float | None) -> str:

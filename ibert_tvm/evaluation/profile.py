@@ -28,7 +28,8 @@ import numpy as np
 
 from .. import artifact
 from ..names import bucket_symbol, function_name, kernel_kind
-from .bench import SETTLE_S, WARMUP, cpu_model, install_hint, int8_gemms
+from ..targets import DEVICE_KINDS
+from .bench import SETTLE_S, WARMUP, bars, cpu_model, install_hint, int8_gemms, pyplot, save
 
 # every kernel the graph emits, by role (graph.build_graph and its heads), in forward order
 LINEAR = ("qkv", "attn_out", "inter", "ffn_out", "pooler", "cls_dense", "cls_out", "lm_dense", "lm_decoder", "tok_out",
@@ -151,7 +152,8 @@ def profile(path: Path, batch: int | None = None, seq: int | None = None, thread
         raise ValueError(f"reps must be at least 1, got {reps}")
     path = Path(path)
     m = artifact.read(path, check_files=False)  # the runner checks every file as it reads it
-    if m.target.device != "cpu":
+    kind = DEVICE_KINDS.get(m.target.device)
+    if kind is None or not kind.tunable:  # the devices whose kernels a host clock times: those tune measures
         raise ValueError(f"{path} targets {m.target.device}; profile times CPU kernels (its clock would measure "
                          "launches, not kernels)")
     batch, seq = pick_bucket(m, batch, seq)
@@ -164,13 +166,13 @@ def profile(path: Path, batch: int | None = None, seq: int | None = None, thread
             forward()
         plain = _times(forward, reps)
         timer = _KernelTimer(bucket_symbol(batch, seq, ""))
-        r._vm.set_instrument(timer)  # the runner's VM: what it runs is what is timed
+        r.set_instrument(timer)  # the runner's VM: what it runs is what is timed
         traced = []
         for _ in range(reps):
             timer.forwards.append([])
             wall = _times(forward, 1)[0] * 1e3
             traced.append((wall, sum(ns for _, ns in timer.forwards[-1]) / 1e6))
-        r._vm.set_instrument(None)
+        r.set_instrument(None)
         used = r.threads
     symbols = [s for s, _ in timer.forwards[0]]
     per_forward = [defaultdict(int) for _ in timer.forwards]
@@ -250,29 +252,16 @@ def table(p: Profile) -> str:
 def plot(p: Profile, png: Path) -> None:
     """Horizontal bars of the roles' times, slowest on top, each labelled with its ms, share of
     the forward and, for GEMMs, GOP/s and fraction of the floor; titled with the CPU and bucket."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     heading = (f"ibert-tvm profile on {p.cpu}\n{p.function}: batch x seq {p.batch}x{p.seq}, {p.threads} threads, "
                f"forward {p.forward_ms:.2f} ms")
     names = [ABOUT.get(r.name, r.name) for r in p.roles]
     ms = [r.ms for r in p.roles]
     labels = [f"{r.ms:.2f} ms ({r.ms / p.forward_ms:.0%})" + (f", {r.gops:.0f} GOP/s" if r.gops else "")
               + (f", {r.of_floor:.0%} of floor" if r.of_floor else "") for r in p.roles]
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.35 * len(names)))
-    bars = ax.barh(np.arange(len(names)), ms, color=["tab:orange" if r.gemm else "tab:blue" for r in p.roles])
-    ax.bar_label(bars, labels, padding=3, fontsize=8)
-    ax.set_yticks(np.arange(len(names)), names)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1.6 * max(ms, default=1.0))  # room for the labels
-    ax.set_xlabel("ms per forward, all calls of the role (orange: INT8 GEMMs)", fontsize=8)
-    fig.suptitle(heading, fontsize=10)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120, metadata={"Title": heading})
-    plt.close(fig)
+    fig, ax = pyplot().subplots(figsize=(9, 1.2 + 0.35 * len(names)))
+    bars(ax, names, ms, labels, [bool(r.gemm) for r in p.roles],
+         "ms per forward, all calls of the role (orange: INT8 GEMMs)", 1.6)
+    save(fig, png, heading)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
