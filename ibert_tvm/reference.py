@@ -85,6 +85,7 @@ def iexp(x: np.ndarray, ie: IExp) -> np.ndarray:
 def softmax(scores: np.ndarray, mask: np.ndarray, sm: Softmax) -> np.ndarray:
     """i-softmax over the last axis; masked keys get probability 0. Returns uint8 (scale 1/256)."""
     keep = mask.astype(bool)
+    scores = scores.astype(I64)  # int32 scores that span 2^31 or more would wrap in `scores - mx`
     big = np.iinfo(np.int32).min
     mx = np.where(keep, scores, big).max(-1, keepdims=True)
     e = np.where(keep, iexp(np.where(keep, scores - mx, 0), sm.exp), 0)
