@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ibert_tvm.compile import CompileOptions, compile_model
+from ibert_tvm.evaluation.bench import cpu_model
 from ibert_tvm.runner import Runner
 
 BUILDS = {"1": (1,), "8": (8,), "1+8": (1, 8)}
@@ -46,9 +46,7 @@ def main() -> None:
                 r.run_integer(inputs[n])
             ts.append((time.perf_counter() - t) / 3 * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
-    print(f"default model, seq {a.seq_len}, {a.rounds} rounds, CPU: {model}\n")
+    print(f"default model, seq {a.seq_len}, {a.rounds} rounds, CPU: {cpu_model()}\n")
     print("| library batches | compile s | model.so MiB | " + " | ".join(f"{n} rows ms (calls)" for n in ROWS) + " |")
     print("|---|---|---|" + "---|" * len(ROWS))
     for b in BUILDS:

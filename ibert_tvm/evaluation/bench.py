@@ -280,13 +280,18 @@ def _worker(conn, name: str, model: str, ids: np.ndarray, threads: int, lib: Pat
     while (reps := conn.recv()) > 0:
         for _ in range(WARMUP):
             fn()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        conn.send(times)
+        conn.send(timings(fn, reps))
     conn.send(peak_rss_mib())
+
+
+def timings(fn: Callable[[], object], reps: int) -> list[float]:
+    """Seconds of each of `reps` calls of `fn`."""
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
 
 
 def _failure(err: Exception) -> str:

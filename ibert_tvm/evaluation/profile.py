@@ -18,7 +18,6 @@ import os
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 from .. import artifact
 from ..names import bucket_symbol, function_name, kernel_kind
 from ..targets import DEVICE_KINDS
-from .bench import SETTLE_S, WARMUP, bars, cpu_model, install_hint, int8_gemms, pyplot, save
+from .bench import SETTLE_S, WARMUP, bars, cpu_model, install_hint, int8_gemms, pyplot, save, timings
 
 # every kernel the graph emits, by role (graph.build_graph and its heads), in forward order
 LINEAR = ("qkv", "attn_out", "inter", "ffn_out", "pooler", "cls_dense", "cls_out", "lm_dense", "lm_decoder", "tok_out",
@@ -164,13 +163,13 @@ def profile(path: Path, batch: int | None = None, seq: int | None = None, thread
         forward = partial(r.run_integer, ids)
         for _ in range(WARMUP):
             forward()
-        plain = _times(forward, reps)
+        plain = timings(forward, reps)
         timer = _KernelTimer(bucket_symbol(batch, seq, ""))
         r.set_instrument(timer)  # the runner's VM: what it runs is what is timed
         traced = []
         for _ in range(reps):
             timer.forwards.append([])
-            wall = _times(forward, 1)[0] * 1e3
+            wall = timings(forward, 1)[0] * 1e3
             traced.append((wall, sum(ns for _, ns in timer.forwards[-1]) / 1e6))
         r.set_instrument(None)
         used = r.threads
@@ -197,15 +196,6 @@ def profile(path: Path, batch: int | None = None, seq: int | None = None, thread
                    sorted(timer.strays), why)
 
 
-def _times(fn: Callable[[], object], reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def _with_floor(roles: list[Role], threads: int, reps: int) -> list[Role]:
     """Each GEMM role with the time oneDNN takes for its products, measured after the library ran
     (its idle pool spinning beside PyTorch's would slow both). The best of `reps`: what the machine
@@ -221,7 +211,7 @@ def _with_floor(roles: list[Role], threads: int, reps: int) -> list[Role]:
             run = int8_gemms([(g.m, g.k, g.n)] * g.count, r.calls)
             for _ in range(WARMUP):
                 run()
-            r = replace(r, floor_ms=min(_times(run, reps)) * 1e3)
+            r = replace(r, floor_ms=min(timings(run, reps)) * 1e3)
         out.append(r)
     return out
 
