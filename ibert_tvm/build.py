@@ -26,8 +26,10 @@ def schedule_module(mod: tvm.IRModule, preset: targets.Preset, records: Path | N
 
 
 def tune_graph(graph: Graph, preset: targets.Preset, trials: int | None = None, tracker: str | None = None,
-               key: str | None = None, records: Path | None = None, progress: bool = True) -> dict[str, list[int]]:
-    """Tune this graph's GEMM tiles; records go to `records`/<cpu>.json (default: the user's cache).
+               key: str | None = None, records: Path | None = None, progress: bool = True,
+               seconds: float | None = None) -> dict[str, list[int]]:
+    """Tune this graph's GEMM tiles (for at most `seconds` if given: `tuning.tune`); records go to
+    `records`/<cpu>.json (default: the user's cache).
 
     Here, kernels are timed with the thread count the runner will use (every CPU of this process);
     with `tracker` (HOST:PORT) and `key`, on a device of that kind from the RPC tracker."""
@@ -46,7 +48,8 @@ def tune_graph(graph: Graph, preset: targets.Preset, trials: int | None = None, 
         targets.check_runnable(preset.arch, list(preset.cpu_flags))
         use_threads()
         measure = tuning.local_measure(target)
-    return tuning.tune(graph.module, preset.target["mcpu"], cpu.ISAS[preset.isa], measure, trials, records, progress)
+    return tuning.tune(graph.module, preset.target["mcpu"], cpu.ISAS[preset.isa], measure, trials, records, progress,
+                       seconds)
 
 
 def compile_graph(graph: Graph, preset: targets.Preset, threads: int | None = None,

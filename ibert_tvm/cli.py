@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import __version__, pipelines
+from .compile import DEFAULT_BATCHES, DEFAULT_TUNE_SECONDS
 from .ranges import ESTIMATORS
 from .runner import Runner
 
@@ -47,7 +48,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     from .compile import compile_model
 
     opt = _options(a, out=Path(a.output), force=a.force, buckets=tuple(a.buckets), choices=a.choices,
-                   sign_key=Path(a.sign_key) if a.sign_key else None)
+                   sign_key=Path(a.sign_key) if a.sign_key else None, tune_seconds=0 if a.no_tune else a.tune_seconds)
     log.info("compiling %s for %s into %s", a.model, a.target, opt.out)
     start = time.perf_counter()
     out = compile_model(opt)
@@ -285,7 +286,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--target", default="host",
                    help="target preset (`ibert-tvm targets` lists them; host: this machine)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], metavar="N",
+    p.add_argument("--batch", type=int, nargs="+", default=list(DEFAULT_BATCHES), metavar="N",
                    help="compiled batch sizes (one function each, weights stored once); the runner covers any "
                         "number of rows with the cheapest calls of them")
     p.add_argument("--seq-len", type=int, default=128, help="longest compiled sequence length (tokens)")
@@ -320,6 +321,10 @@ def _add_compile(sub: Any) -> None:
     p.add_argument("--choices", type=int, help="multiple-choice models: the most choices per question (default 4)")
     p.add_argument("--buckets", type=int, nargs="+", default=[], metavar="LEN",
                    help="also compile these shorter lengths; text runs at the shortest that holds it")
+    p.add_argument("--tune-seconds", type=float, default=DEFAULT_TUNE_SECONDS, metavar="S",
+                   help="with --target host: GEMM shapes that have no tile records for this CPU are measured first, "
+                        "for at most this long (records kept: later compiles reuse them and measure what is left)")
+    p.add_argument("--no-tune", action="store_true", help="never measure tiles: default sizes where no record is")
     p.set_defaults(fn=cmd_compile)
 
 

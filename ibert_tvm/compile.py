@@ -18,6 +18,9 @@ from .program import IntProgram
 # One text runs on the batch-1 function and bulk work in batches of 8 (default model, 1x128: per
 # row 8 costs ~7.5x what 1 does); more sizes cost compile time and library size.
 DEFAULT_BATCHES = (1, 8)
+# `compile`'s tuning budget for shapes without tile records: the default model's 14 GEMM shapes at
+# batch 1 and 8 (178 tile candidates, every shape on register tiles: AVX-512 VNNI) took 42 s on 2 cores
+DEFAULT_TUNE_SECONDS = 120.0
 
 
 @dataclass
@@ -35,6 +38,8 @@ class CompileOptions:
     records: Path | None = None  # tile records folder over the shipped ones (default: the user's cache)
     choices: int | None = None  # multiple choice: most choices per question (default 4)
     sign_key: Path | None = None  # Ed25519 private key (PEM): the artifact's manifest is signed with it
+    # for `host`: GEMM shapes without tile records are measured first, for at most this long (0: never)
+    tune_seconds: float = 0.0
 
     def choices_for(self, program: IntProgram) -> int:
         if not program.multiple_choice:
@@ -73,6 +78,8 @@ def _preflight(opt: CompileOptions) -> targets.Preset:
     bad = [b for b in opt.buckets if not 1 <= b <= opt.seq_len]
     if bad:
         raise ValueError(f"sequence-length buckets must lie in [1, seq_len={opt.seq_len}], got {bad}")
+    if opt.tune_seconds < 0:
+        raise ValueError(f"tuning time must be 0 (no tuning) or more seconds, got {opt.tune_seconds}")
     preset = targets.get(opt.target)
     preset.cross_compiler()  # a missing cross-compiler fails here, before any model is loaded
     return preset
@@ -118,7 +125,7 @@ def compile_program(program: IntProgram, checkpoint_dir: Path, opt: CompileOptio
 
 def _compile_into(stage: artifact.Staging, preset: targets.Preset, program: IntProgram, checkpoint_dir: Path,
                   opt: CompileOptions) -> Path:
-    from .build import compile_graph
+    from .build import compile_graph, tune_graph
     from .checkpoint import sentence_pooling
     from .graph import INPUTS, build_graphs
 
@@ -128,6 +135,9 @@ def _compile_into(stage: artifact.Staging, preset: targets.Preset, program: IntP
     choices = opt.choices_for(program)
     batches = sorted(set(opt.batches))
     graph = build_graphs(program, batches, seq_lens, preset.a_shift, choices)
+    if opt.tune_seconds and preset.name == "host" and preset.device_kind.tunable:
+        # the library runs on this CPU: measure its tiles here rather than guess them
+        tune_graph(graph, preset, records=opt.records, progress=opt.progress, seconds=opt.tune_seconds)
     executable = compile_graph(graph, preset, records=opt.records)
     manifest = Manifest(
         model_class=program.model_class,

@@ -45,9 +45,9 @@ class Device:
     runtime_device: Callable[[Target], tvm.runtime.Device]
 
 
-def tvm_compile(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
+def tvm_compile(mod: tvm.IRModule, target: tvm.target.Target, tir_pipeline: str = "default") -> relax.VMExecutable:
     """Inside `with target`: CUDA's export embedded an nvcc binary only when compiled this way."""
     import tvm
 
     with target:
-        return tvm.compile(mod, target=target)
+        return tvm.compile(mod, target=target, tir_pipeline=tir_pipeline)

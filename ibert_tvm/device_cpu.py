@@ -18,10 +18,11 @@ if TYPE_CHECKING:
 
 
 def _a_shift(preset: Preset) -> int:
-    """x86's `vpdpbusd` (and AMX's `tdpbusd`) multiply u8 by s8; ARM's `sdot` takes s8 x s8."""
-    from ibert_tvm.relay_ops.gemm import U8_SHIFT
+    """The operand form of the preset's GEMM instruction: `vpdpbusd` / `tdpbusd` multiply u8 by s8;
+    ARM's `sdot` and AVX2's sign trick take s8 x s8."""
+    from ibert_tvm.schedules.cpu import ISAS
 
-    return U8_SHIFT if preset.arch == "x86_64" else 0
+    return ISAS[preset.isa].a_shift
 
 
 def _tvm_target(preset: Preset, threads: int | None) -> tvm.target.Target:

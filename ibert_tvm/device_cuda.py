@@ -19,6 +19,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,9 +67,29 @@ def load_cuda_runtime(allow_stub: bool) -> None:
         if not allow_stub:
             raise RuntimeError("this CUDA library needs an NVIDIA GPU; this machine has no CUDA driver") from None
         ctypes.CDLL(str(cuda_stub(runtime_dir)), mode=ctypes.RTLD_GLOBAL)
+    _load_cudart(runtime_dir / "libtvm_runtime_cuda.so")
     _LOADED_LIBS["tvm_runtime_cuda"] = ctypes.CDLL(str(runtime_dir / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_LOCAL)
     if tvm.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
         raise RuntimeError("libtvm_runtime_cuda.so loaded but registered no CUDA module factory")
+
+
+def _load_cudart(tvm_cuda: Path) -> None:
+    """Load the CUDA runtime that `tvm_cuda` needs (libcudart.so.N) where the dynamic loader would not
+    find it: a CUDA toolkit whose lib folder is not on the loader's path, or the copy that PyTorch's
+    pip packages bring (nvidia/*/lib). Once loaded under its soname, it satisfies `tvm_cuda`'s need."""
+    found = re.search(rb"libcudart\.so\.\d+", tvm_cuda.read_bytes())
+    if found is None:
+        return
+    name = found[0].decode()
+    cuda = os.environ.get("CUDA_PATH", "/usr/local/cuda")
+    places = [Path(name), *(Path(cuda, d, name) for d in ("lib64", "lib", "targets/x86_64-linux/lib"))]
+    places += [p for entry in sys.path if entry for p in sorted(Path(entry).glob(f"nvidia/*/lib/{name}"))]
+    for place in places:
+        try:
+            ctypes.CDLL(str(place), mode=ctypes.RTLD_GLOBAL)
+            return
+        except OSError:
+            continue
 
 
 def _driver_symbols(libdir: Path) -> set[str]:
@@ -119,6 +140,11 @@ def cuda_stub(libdir: Path) -> Path:
     return lib
 
 
+def sm_version(arch: str) -> int:
+    """The SM version of an arch name: 75 for "sm_75" (and 90 for "sm_90a")."""
+    return int(arch.removeprefix("sm_").rstrip("a"))
+
+
 def gpu_for(arch: str) -> tvm.runtime.Device:
     """The GPU that runs a library built for `arch` ("sm_75"), or an error that says why none does.
     nvcc embeds SASS only (no PTX), which runs on the same major version at an equal or newer minor."""
@@ -129,7 +155,7 @@ def gpu_for(arch: str) -> tvm.runtime.Device:
     if not dev.exist:
         raise RuntimeError(f"this CUDA library ({arch}) needs an NVIDIA GPU; the driver sees none")
     major, minor = (int(v) for v in dev.compute_version.split("."))
-    want = int(arch.removeprefix("sm_"))
+    want = sm_version(arch)
     if major != want // 10 or minor < want % 10:
         raise RuntimeError(f"this CUDA library holds {arch} code only; the GPU is sm_{major}{minor}")
     return dev
@@ -146,35 +172,43 @@ class DeviceImage:
     compressed: bool
 
 
-def device_images(path: str | os.PathLike) -> list[DeviceImage]:
-    """Every image of every fatbin embedded in a file (an exported library).
-
-    Fatbin layout: header {u32 magic, u16 version, u16 header size, u64 payload size}, then
-    entries {u16 kind (1 PTX, 2 ELF), u16, u32 entry header size, u64 size, ..., u32 arch @28}.
-    """
+def fatbins(path: str | os.PathLike) -> list[bytes]:
+    """Every nvcc fatbin embedded in a file (an exported library: TVM keeps it inside its own
+    serialized module, where cuobjdump does not look), each as a file of its own would hold it.
+    Header: {u32 magic, u16 version, u16 header size, u64 payload size}."""
     data = Path(path).read_bytes()
-    images = []
+    found = []
     at = data.find(struct.pack("<I", FATBIN_MAGIC))
     while at >= 0:
         _, _, head, size = struct.unpack_from("<IHHQ", data, at)
-        entry, end = at + head, at + head + size
-        while entry + 32 <= min(end, len(data)):
-            kind, _, ehead, esize = struct.unpack_from("<HHIQ", data, entry)
-            (arch,) = struct.unpack_from("<I", data, entry + 28)
-            payload = data[entry + ehead : entry + ehead + 4]
+        found.append(data[at : at + head + size])
+        at = data.find(struct.pack("<I", FATBIN_MAGIC), max(at + head + size, at + 4))
+    return found
+
+
+def device_images(path: str | os.PathLike) -> list[DeviceImage]:
+    """Every image of every fatbin embedded in a file (an exported library). Fatbin entries:
+    {u16 kind (1 PTX, 2 ELF), u16, u32 entry header size, u64 size, ..., u32 arch @28}."""
+    images = []
+    for fatbin in fatbins(path):
+        _, _, head, _ = struct.unpack_from("<IHHQ", fatbin)
+        entry = head
+        while entry + 32 <= len(fatbin):
+            kind, _, ehead, esize = struct.unpack_from("<HHIQ", fatbin, entry)
+            (arch,) = struct.unpack_from("<I", fatbin, entry + 28)
+            payload = fatbin[entry + ehead : entry + ehead + 4]
             if kind in (1, 2):
                 images.append(DeviceImage("ptx" if kind == 1 else "elf", arch,
                                           compressed=kind == 2 and payload != ELF_MAGIC))
             if ehead == 0:
                 break
             entry += ehead + esize
-        at = data.find(struct.pack("<I", FATBIN_MAGIC), max(end, at + 4))
     return images
 
 
 def check_device_binary(path: str | os.PathLike, arch: str) -> list[DeviceImage]:
     """Raise unless the library embeds SASS for `arch` ("sm_75"); CUDA source alone does not count."""
-    want = int(arch.removeprefix("sm_").rstrip("a"))
+    want = sm_version(arch)
     images = device_images(path)
     if not any(i.kind == "elf" and i.arch == want for i in images):
         hint = " (it holds CUDA source: was libtvm_runtime_cuda loaded?)" if b"__global__" in Path(path).read_bytes() else ""
@@ -190,15 +224,56 @@ def _tvm_target(preset: Preset, threads: int | None) -> tvm.target.Target:
 
 
 def _scheduler(preset: Preset, records: Path) -> KernelSchedule:
-    """One schedule for every GPU: nothing is tuned, so records do not apply."""
+    """One schedule per GPU arch (its tensor-core instructions): nothing is tuned, so records do not apply."""
     from ibert_tvm.schedules import cuda
 
-    return lambda func, name: cuda.schedule(func)
+    arch = sm_version(preset.target["arch"])
+    return lambda func, name: cuda.schedule(func, arch)
+
+
+TIR_PIPELINE = "ibert_cuda"
+MAX_WARP_BUFFERS = 8  # per kernel; the tensor-core GEMMs have 3 (A, B and C fragments)
+
+
+def _register_tir_pipeline() -> None:
+    """TVM's s_tir pipeline, fixed for kernels with several "warp" buffers (the tensor-core
+    fragments of `schedules.mma`): LowerWarpMemory turns only the first warp allocation of a
+    statement sequence into registers (the others would stay per-thread copies of the whole warp's
+    buffer, in local memory), so it runs until none is left."""
+    import tvm
+    import tvm_ffi
+    from tvm import tirx
+
+    if TIR_PIPELINE in tirx.compilation_pipeline.PIPELINE_MAP:
+        return
+
+    @tvm.transform.module_pass(opt_level=0, name="ibert.LowerEveryWarpMemory")
+    def lower_every_warp_buffer(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        lower = tirx.transform.LowerWarpMemory()
+        for _ in range(MAX_WARP_BUFFERS):
+            lowered = lower(mod)
+            if tvm_ffi.structural_equal(lowered, mod):
+                return mod
+            mod = lowered
+        raise RuntimeError(f"a CUDA kernel has more than {MAX_WARP_BUFFERS} warp buffers")
+
+    def pipeline() -> tuple:
+        passes, host, device = tirx.get_tir_pipeline("s_tir")
+        return passes, host, lambda: tvm.transform.Sequential([lower_every_warp_buffer, device()])
+
+    tirx.register_tir_pipeline(TIR_PIPELINE, pipeline)
 
 
 def _compile(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
+    """tvm.compile through `TIR_PIPELINE`, without TIR's common-subexpression elimination: it
+    hoists warp-buffer indices into variables, which LowerWarpMemory (after it) cannot split into
+    lane and register (nvcc eliminates common subexpressions itself)."""
+    import tvm
+
     ensure_cuda_codegen()
-    return tvm_compile(mod, target)
+    _register_tir_pipeline()
+    with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+        return tvm_compile(mod, target, TIR_PIPELINE)
 
 
 def _export(executable: relax.VMExecutable, path: Path, preset: Preset) -> None:

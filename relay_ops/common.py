@@ -43,16 +43,17 @@ class Consts:
         return t
 
 
-def make_kernel(name: str, kind: str, inputs: list[te.Tensor], out: te.Tensor, consts: Consts) -> Kernel:
+def make_kernel(name: str, kind: str, inputs: list[te.Tensor], out: te.Tensor, consts: Consts,
+                attrs: dict[str, object] | None = None) -> Kernel:
     func = te.create_prim_func([*inputs, *consts.tensors, out])
-    func = func.with_attr({"global_symbol": name, "ibert.kind": kind})
+    func = func.with_attr({"global_symbol": name, "ibert.kind": kind, **(attrs or {})})
     return Kernel(name, func, consts.arrays, tuple(int(s) for s in out.shape), str(out.dtype))
 
 
 def clamp(x: tvm.ir.expr.Expr, lo: int | None, hi: int | None) -> tvm.ir.expr.Expr:
     if lo is None:
         return x
-    return tirx.max(tirx.min(x, c64(hi)), c64(lo))
+    return tirx.max(tirx.min(x, tirx.const(hi, str(x.ty))), tirx.const(lo, str(x.ty)))
 
 
 def rshift_round(x: tvm.ir.expr.Expr, e: tvm.ir.expr.Expr, dtype: str = I64) -> tvm.ir.expr.Expr:
@@ -90,6 +91,25 @@ def reciprocal(d: int, n_max: int) -> tuple[int, int]:
     return m, shift
 
 
+def _poly_extent(ie: IExp) -> int:
+    """max |(r + b) * r + c| over i-exp's remainders r in (x0, 0] (a parabola: ends and vertex)."""
+    lo, hi = ie.x0 + 1, 0
+    rs = {lo, hi, min(max(-ie.b // 2, lo), hi), min(max(-(ie.b // 2) - 1, lo), hi)}
+    return max(abs((r + ie.b) * r + ie.c) for r in rs)
+
+
+TAIL_Q = 30  # largest power-of-two shift of the int32 tail; beyond it the result is 0
+
+
+def iexp_bounds(ie: IExp) -> tuple[bool, bool]:
+    """Whether n, q, r and the polynomial fit int32, and whether the requantization's tail does
+    too (see `iexp`)."""
+    poly = EXP_CONST * -ie.x0 < 2**31 and ie.c + abs(ie.b) * -ie.x0 + ie.x0 * ie.x0 < 2**31
+    m_out, e = int(ie.out.m), int(ie.out.e)
+    tail = poly and abs(m_out) < 2**31 and e >= 1 and (_poly_extent(ie) * abs(m_out)) >> (e - 1) < 2**TAIL_Q - 1
+    return poly, tail
+
+
 def iexp(x: tvm.ir.expr.Expr, ie: IExp) -> tvm.ir.expr.Expr:
     """i-exp of x <= 0 requantized by ie.out; the shift grows by q and past PRODUCT_BITS gives 0.
 
@@ -98,18 +118,31 @@ def iexp(x: tvm.ir.expr.Expr, ie: IExp) -> tvm.ir.expr.Expr:
     """
     lim = EXP_CONST * -ie.x0
     m, s = reciprocal(-ie.x0, lim)
-    # n, q, r and the polynomial run in int32 when their static bounds allow (most scales)
-    small = lim * m < 2**31 and ie.c + abs(ie.b) * -ie.x0 + ie.x0 * ie.x0 < 2**31
+    # n, q, r and the polynomial run in int32 when their static bounds allow (every scale of the
+    # models measured); where only n * m passes 2**31, that one product is 64-bit from int32s
+    small, tail32 = iexp_bounds(ie)
     dt = "int32" if small else I64
     k = lambda v: tirx.const(int(v), dt)  # noqa: E731
     # clamped on both sides: masked softmax lanes carry garbage that a select later discards
     n = tirx.min(tirx.max(-x.astype(I64), c64(0)), c64(lim)).astype(dt)
-    q = (n * k(m)) >> k(s)
+    q = (n * k(m)) >> k(s) if lim * m < 2**31 or not small else ((n.astype(I64) * c64(m)) >> c64(s)).astype(dt)
     r = k(-ie.x0) * q - n  # x - x0 * q with x = -n: in (x0, 0]
-    z = ((r + k(ie.b)) * r + k(ie.c)).astype(I64)
-    q = q.astype(I64)
-    shift = c64(ie.out.e) + q
-    y = rshift_round(z * c64(ie.out.m), tirx.min(shift, c64(PRODUCT_BITS)))
+    z = (r + k(ie.b)) * r + k(ie.c)
+    m_out, e = int(ie.out.m), int(ie.out.e)
+    if tail32:
+        # The rounding shift by e + q in two steps, exact for floor shifts:
+        #   (z*m + 2**(e+q-1)) >> (e+q) == ((z*m >> (e-1)) + 2**q) >> (q+1),
+        # and z*m >> (e-1) fits int32 (checked above), so only z*m, int32 by int32, is 64-bit (one
+        # `vpmuldq` on x86) instead of a 64-bit product and variable 64-bit shifts per element. For
+        # q > TAIL_Q the result is 0 as in int64: |z*m| < 2**(e+29) <= 2**(e+q-1).
+        head = ((z.astype(I64) * c64(m_out)) >> c64(e - 1)).astype(dt)
+        qq = tirx.min(q, k(TAIL_Q))
+        y = (head + (k(1) << qq)) >> (qq + k(1))
+        y = tirx.Select((q > k(TAIL_Q)) | (q > k(PRODUCT_BITS - e)), k(0), y)
+        return clamp(y, ie.out.lo, ie.out.hi).astype(I64)
+    z, q = z.astype(I64), q.astype(I64)
+    shift = c64(e) + q
+    y = rshift_round(z * c64(m_out), tirx.min(shift, c64(PRODUCT_BITS)))
     return clamp(tirx.Select(shift > c64(PRODUCT_BITS), c64(0), y), ie.out.lo, ie.out.hi)
 
 

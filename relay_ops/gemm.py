@@ -32,6 +32,8 @@ U8_SHIFT = 128  # x86's a_shift
 Expr = tvm.ir.expr.Expr
 
 PART_KEY = "ibert.gemm_part"
+# kernel attribute: its B (a constant weight) never holds -128, which some ISAs' exact products need
+B_ABOVE_INT8_MIN = "ibert.b_above_int8_min"
 
 
 class Part(StrEnum):
@@ -59,6 +61,12 @@ def pack_weight(w: np.ndarray) -> np.ndarray:
     *lead, n, k = w.shape
     t = w.reshape(*lead, n // LANES, LANES, k // GROUP, GROUP)
     return np.ascontiguousarray(np.swapaxes(t, -3, -2))
+
+
+def unpack_index(*idx: Expr) -> tuple[Expr, ...]:
+    """[..., N/16, K/4, 16, 4] -> [..., N, K]: where a packed element sits unpacked."""
+    *lead, n0, k0, n1, k1 = idx
+    return (*lead, n0 * LANES + n1, k0 * GROUP + k1)
 
 
 def compensation(w: np.ndarray, a_shift: int) -> np.ndarray:

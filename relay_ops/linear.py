@@ -11,7 +11,7 @@ from tvm import te, tirx
 from ibert_tvm.program import INT22, Gelu, Linear, Requant, Tanh
 
 from .common import I64, Consts, Kernel, c64, chain, clamp, iexp, make_kernel, requant
-from .gemm import U8_SHIFT, compensation, int8_matmul, pack_weight, packable
+from .gemm import B_ABOVE_INT8_MIN, U8_SHIFT, compensation, int8_matmul, pack_weight, packable
 
 Expr = tvm.ir.expr.Expr
 Epilogue = Callable[[Expr, Expr, Consts, list[te.Tensor]], Expr]
@@ -45,7 +45,8 @@ def linear_kernel(
         lambda acc, i, j: epilogue(acc + bias[j], j, consts, extras, i),
         out_dtype, a_shift,
     )
-    return make_kernel(name, "gemm", [x, *extras], out, consts)
+    return make_kernel(name, "gemm", [x, *extras], out, consts,
+                       {B_ABOVE_INT8_MIN: True} if int(lin.weight.min(initial=0)) > -128 else None)
 
 
 def requant_epilogue(rqs: list[Requant]) -> Epilogue:

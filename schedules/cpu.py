@@ -6,8 +6,9 @@ are tiled MB rows x NB*16 columns; the accumulator is a per-tile local buffer (r
 computed under the epilogue's tile loop, so the epilogue (requantization, GELU, residual) reads
 it straight back.
 Each kernel has a single parallel loop; its operand stages are computed inside it.
-The inner 16x4 product is an ISA's dot-product intrinsic (x86 `vpdpbusd`, ARM `sdot`); without
-one (AVX2, plain NEON) LLVM vectorizes the same tile with widening multiplies. With Intel AMX, a
+The inner 16x4 product is an ISA's dot-product intrinsic (x86 `vpdpbusd`, ARM `sdot`, AVX2's
+`vpmaddwd` pairs, or `vpmaddubsw` pairs where B never holds -128); without one (plain NEON) LLVM
+vectorizes the same tile with widening multiplies. With Intel AMX, a
 GEMM whose shape fits takes 32x32 blocks, each one call of the tile intrinsic over all of K.
 """
 
@@ -18,9 +19,9 @@ from itertools import takewhile
 
 from tvm import s_tir, tirx
 
-from ibert_tvm.relay_ops.gemm import GROUP, LANES, packable
+from ibert_tvm.relay_ops.gemm import B_ABOVE_INT8_MIN, GROUP, LANES, U8_SHIFT, packable
 
-from .intrin import AMX_K, AMX_M, AMX_N, SDOT_INTRIN, VNNI_INTRIN, amx_intrin
+from .intrin import AMX_K, AMX_M, AMX_N, AVX2_INTRIN, AVX2_SIGN_INTRIN, SDOT_INTRIN, VNNI_INTRIN, amx_intrin
 from .parts import GemmParts, gemm_parts
 
 
@@ -32,17 +33,25 @@ class Isa:
     intrin: str | None  # 16x4 tensor intrinsic; None: LLVM vectorizes the tile
     regs_per_group: int  # vector registers that hold 16 int32 accumulators
     registers: int  # vector registers of the ISA
+    a_shift: int  # the activations' operand form (relay_ops.gemm): u8 (+128) or s8 (0)
     matrix: bool = False  # AMX tiles for the GEMMs whose shape fits them (amx_fits), `intrin` for the rest
+    b_above_min_intrin: str | None = None  # a faster `intrin`, exact on kernels marked B_ABOVE_INT8_MIN
+
+    def intrin_for(self, func: tirx.PrimFunc) -> str | None:
+        """The tile intrinsic for this kernel, None where LLVM vectorizes its tile."""
+        if self.b_above_min_intrin and func.attrs.get(B_ABOVE_INT8_MIN, False):
+            return self.b_above_min_intrin
+        return self.intrin
 
 
 ISAS = {
     i.name: i
     for i in (
-        Isa("vnni", VNNI_INTRIN, 1, 32),
-        Isa("amx", VNNI_INTRIN, 1, 32, matrix=True),
-        Isa("avx2", None, 2, 16),
-        Isa("sdot", SDOT_INTRIN, 4, 32),
-        Isa("neon", None, 4, 32),
+        Isa("vnni", VNNI_INTRIN, 1, 32, U8_SHIFT),
+        Isa("amx", VNNI_INTRIN, 1, 32, U8_SHIFT, matrix=True),
+        Isa("avx2", AVX2_INTRIN, 2, 16, 0, b_above_min_intrin=AVX2_SIGN_INTRIN),
+        Isa("sdot", SDOT_INTRIN, 4, 32, 0),
+        Isa("neon", None, 4, 32, 0),
     )
 }
 
@@ -102,7 +111,7 @@ def default_tiles(m: int, n: int, isa: Isa) -> Tiles:
 def schedule(func: tirx.PrimFunc, isa: Isa, tiles: Tiles | None = None) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     parts = gemm_parts(sch)
-    if parts and _gemm(sch, parts, isa, tiles):
+    if parts and _gemm(sch, parts, isa, isa.intrin_for(func), tiles):
         return sch.mod["main"]
     sch = s_tir.Schedule(func)
     if func.attrs["ibert.kind"] == "rowwise" and _rowwise(sch):
@@ -116,7 +125,7 @@ def _extents(sch: s_tir.Schedule, block) -> list[int]:
     return [int(sch.get(l).extent) for l in sch.get_loops(block)]
 
 
-def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, tiles: Tiles | None) -> bool:
+def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, intrin: str | None, tiles: Tiles | None) -> bool:
     c, o = parts.accumulator, parts.epilogue
     *batch, m, n, k = _extents(sch, c)
     if not packable(n, k):
@@ -154,12 +163,12 @@ def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, tiles: Tiles | None) 
         a10, a11 = sch.split(a1, [nb, LANES])
         k0, k1 = sch.split(a2, [None, GROUP])
         sch.reorder(*[l for l in (k0, rows, a10, a11, k1) if l is not None])
-        if isa.intrin is None:  # LLVM vectorizes the 16 lanes; must precede decompose_reduction
+        if intrin is None:  # LLVM vectorizes the 16 lanes; must precede decompose_reduction
             sch.reorder(k1, a11)
             sch.vectorize(a11)
         init = sch.decompose_reduction(c, k0)
-        if isa.intrin is not None:
-            sch.tensorize(a11, isa.intrin)
+        if intrin is not None:
+            sch.tensorize(a11, intrin)
         for loop in (rows, a10):
             if loop is not None:
                 sch.unroll(loop)

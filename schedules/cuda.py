@@ -1,14 +1,21 @@
 """CUDA schedules for the TE kernels of `relay_ops` (the device's toolchain and runtime side are
 in `ibert_tvm.device_cuda`).
 
-`schedule(func)` picks:
+`schedule(func, arch)` picks:
 - gemm: a kernel whose blocks carry GEMM roles (`parts.gemm_parts`): the accumulator
-  `C[.., i, j] += int32(A[.., i, k]) * int32(B[.., j, k])` with 8-bit A, B. C is tiled per thread
-  block (blockIdx) and per thread (a register tile of accumulators, "local"); the operand tiles
-  of each k-chunk are staged in shared memory (the activation stage and a weight packed at run
-  time are computed there; a weight parameter is cache-read there); the innermost 4 k are one
-  `__dp4a` (sm_61+) when K % 4 == 0. The epilogue runs in the same thread on the accumulator
-  tile. The other blocks (column sums) get `_generic`.
+  `C[.., i, j] += int32(A[.., i, k]) * int32(B[.., j, k])` with 8-bit A, B. The operand tiles of
+  each k-chunk are staged in shared memory (the activation stage and a weight packed at run time
+  are computed there; a weight parameter is cache-read there), and the epilogue runs on the
+  accumulators where they are, in registers. Two forms:
+  - mma (s8 x s8 whose M, N are multiples of 16 and K of 32: every linear layer and attention
+    product of the usual models): tensor cores, `schedules.mma`. Each warp owns a few 16x16
+    accumulator tiles, loads its operand fragments from shared memory with `ldmatrix` and runs
+    `mma.sync` (m16n8k32 on sm_80+, m8n8k16 on sm_75); each lane then runs the epilogue on the
+    accumulator elements it holds.
+  - dp4a (the rest: heads whose M is the batch or N the labels, attention with 16-wide heads):
+    C is tiled per thread block and per thread (a register tile of accumulators, "local"); the
+    innermost 4 k are one `__dp4a` (sm_61+) when K % 4 == 0.
+  The other blocks (column sums) get `_generic`.
 - rowwise: every block computed under the output's row loop (one thread block per row), row
   reductions across threads (TVM's cross-thread allreduce), per-row intermediates in shared
   (an allreduce result is written by thread 0 only, so "local" would be wrong for its readers).
@@ -25,7 +32,10 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-from .parts import gemm_parts
+from ibert_tvm.relay_ops.gemm import unpack_index
+
+from . import mma
+from .parts import GemmParts, gemm_parts
 
 THREADS = 256  # threads per block for rowwise / generic kernels
 SPATIAL = 0  # IterVar.iter_type
@@ -83,16 +93,33 @@ class GemmTiles:
     k_chunk: int = 32  # k per shared-memory stage
 
 
-def schedule(func: tirx.PrimFunc, tiles: GemmTiles = GemmTiles()) -> tirx.PrimFunc:
-    """The first schedule that applies; attr "ibert.cuda_schedule" says which."""
-    for name, attempt in (("gemm", lambda s: _gemm(s, tiles)), ("rowwise", _rowwise)):
-        sch = s_tir.Schedule(func)
-        try:
-            how = attempt(sch)
-        except RuntimeError:  # ScheduleError, InternalError: a precondition failed, try the next
-            how = None
-        if how:
-            return _done(sch, f"{name}{how}")
+@dataclass(frozen=True)
+class MmaTiles:
+    """Thread block = warps_i x warps_j warps, each owning frags_i x frags_j warp tiles (16x16)."""
+
+    warps_i: int = 2
+    warps_j: int = 2
+    frags_i: int = 2
+    frags_j: int = 2
+    k_chunk: int = 64  # k per shared-memory stage, a multiple of mma.TILE_K
+
+
+def schedule(func: tirx.PrimFunc, arch: int, tiles: GemmTiles = GemmTiles(),
+             mma_tiles: MmaTiles = MmaTiles()) -> tirx.PrimFunc:
+    """The first schedule that applies, for SM version `arch` (75 for sm_75); attr
+    "ibert.cuda_schedule" says which. A GEMM kernel gets its GEMM schedule or an error: a slow
+    fallback would hide what went wrong."""
+    sch = s_tir.Schedule(func)
+    how = _gemm(sch, arch, tiles, mma_tiles)
+    if how:
+        return _done(sch, f"gemm{how}")
+    sch = s_tir.Schedule(func)
+    try:
+        how = _rowwise(sch)
+    except RuntimeError:  # ScheduleError, InternalError: a precondition failed
+        how = None
+    if how:
+        return _done(sch, f"rowwise{how}")
     sch = s_tir.Schedule(func)
     _generic(sch, sch.get_child_blocks(sch.get_sblock("root")))
     return _done(sch, "generic")
@@ -142,16 +169,74 @@ def _fit(extent: int, threads: int, micro: int) -> tuple[int, int]:
 # --- gemm -------------------------------------------------------------------------------------
 
 
-def _gemm(sch: s_tir.Schedule, t: GemmTiles) -> str | None:
+def _operands(sch: s_tir.Schedule, parts: GemmParts) -> tuple[tirx.Buffer, tirx.Buffer]:
+    """A and B: the buffers the accumulator reads (it reads nothing else)."""
+    a_buf = sch.get(parts.activation).writes[0].source
+    return a_buf, next(r.source for r in sch.get(parts.accumulator).reads if not r.source.same_as(a_buf))
+
+
+def _mnk(sch: s_tir.Schedule, parts: GemmParts) -> tuple[int, int, int]:
+    return tuple(_extent(sch, l) for l in sch.get_loops(parts.accumulator)[-3:])
+
+
+def _gemm(sch: s_tir.Schedule, arch: int, t: GemmTiles, tm: MmaTiles) -> str | None:
     parts = gemm_parts(sch)
     if parts is None:
         return None
-    c, out = parts.accumulator, parts.epilogue
-    a_buf = sch.get(parts.activation).writes[0].source
+    a_buf, b_buf = _operands(sch, parts)
+    m, n, k = _mnk(sch, parts)
+    shape = mma.mma_shape(arch)
+    if shape and mma.fits(m, n, k) and (str(a_buf.dtype), str(b_buf.dtype)) == ("int8", "int8"):
+        _gemm_mma(sch, parts, shape, tm)
+        return f"-mma-{shape}"
+    return _gemm_dp4a(sch, parts, t)
+
+
+def _stage_operands(sch: s_tir.Schedule, parts: GemmParts, ko, kc: int, threads: tuple[int, int], align: int,
+                    unpack: bool) -> list:
+    """Operand tiles of one k-chunk in shared memory, loaded by all threads of the block (threadIdx.y
+    x threadIdx.x = `threads`); returns the stage blocks (A's, B's). A stage block (the activation,
+    a weight packed at run time) is computed there; a weight parameter is copied there as
+    [.., rows, k] whatever its layout (packed included); `unpack` lays a packed stage out so too.
+    Rows start `align` bytes past a multiple of 32 (bank conflicts)."""
+    c = parts.accumulator
+    a_buf, b_buf = _operands(sch, parts)
     reads = [r.source for r in sch.get(c).reads]
-    b_buf = next(b for b in reads if not b.same_as(a_buf))  # the accumulator reads A and B only
-    *batch, li, lj, lk = sch.get_loops(c)
-    m, n, k = (_extent(sch, l) for l in (li, lj, lk))
+    k = int(a_buf.shape[-1])
+    stages = []
+    for produced, buf, row in ((parts.activation, a_buf, -3), (parts.weight, b_buf, -2)):
+        if produced is not None:
+            stage, vec = produced, 1  # its source indexing is arbitrary: no vector loads
+            if unpack and produced.same_as(parts.weight) and len(buf.shape) == len(a_buf.shape) + 2:
+                sch.transform_layout(stage, ("write", 0), unpack_index)
+            sch.set_scope(stage, 0, "shared")
+        else:
+            index = next(i for i, b in enumerate(reads) if b.same_as(buf))
+            layout = tirx.IndexMap.from_func(_rows_by_k(row), ndim=len(a_buf.shape) + 1)
+            stage = sch.reindex_cache_read(c, index, "shared", layout)
+            vec = 4 if k % 4 == 0 else 1  # 4 bytes along k: aligned in a contiguous tensor
+        sch.compute_at(stage, ko, preserve_unit_loops=True)
+        ndim = len(sch.get(stage).writes[0].source.shape)
+        if ndim >= 2 and kc % 4 == 0:
+            sch.storage_align(stage, 0, ndim - 2, 32, align)
+        own = _below(sch, stage, ko)
+        fused = sch.fuse(*own) if len(own) > 1 else own[0]
+        if _extent(sch, fused) % (threads[0] * threads[1] * vec):
+            vec = 1
+        *_, fy, fx, fv = sch.split(fused, [None, *threads, vec])
+        sch.bind(fy, "threadIdx.y")
+        sch.bind(fx, "threadIdx.x")
+        if vec > 1:
+            sch.vectorize(fv)
+        stages.append(stage)
+    return stages
+
+
+def _gemm_dp4a(sch: s_tir.Schedule, parts: GemmParts, t: GemmTiles) -> str:
+    """Register tiles of `__dp4a` (or plain multiply-adds), one thread per micro tile."""
+    c, out = parts.accumulator, parts.epilogue
+    a_buf, b_buf = _operands(sch, parts)
+    m, n, k = _mnk(sch, parts)
     ti, vi = _fit(m, t.threads_i, t.micro_i)
     tj, vj = _fit(n, t.threads_j, t.micro_j)
     intrin = DP4A.get((str(a_buf.dtype), str(b_buf.dtype))) if k % 4 == 0 else None
@@ -178,32 +263,7 @@ def _gemm(sch: s_tir.Schedule, t: GemmTiles) -> str | None:
     if intrin:
         ki, k4 = sch.split(ki, [None, 4])
     sch.reorder(ko, ki, ci, cj, *([k4] if k4 else []))
-
-    # Operand tiles of one k-chunk in shared memory, loaded by all threads of the block. A stage
-    # block (the activation, a weight packed at run time) is computed there; a weight parameter
-    # is copied there as [.., rows, k] whatever its layout (packed included).
-    for produced, buf, row in ((parts.activation, a_buf, -3), (parts.weight, b_buf, -2)):
-        if produced is not None:
-            stage, vec = produced, 1  # its source indexing is arbitrary: no vector loads
-            sch.set_scope(stage, 0, "shared")
-        else:
-            index = next(i for i, b in enumerate(reads) if b.same_as(buf))
-            layout = tirx.IndexMap.from_func(_rows_by_k(row), ndim=len(batch) + 3)
-            stage = sch.reindex_cache_read(c, index, "shared", layout)
-            vec = 4 if k % 4 == 0 else 1  # 4 bytes along k: aligned in a contiguous tensor
-        sch.compute_at(stage, ko, preserve_unit_loops=True)
-        ndim = len(sch.get(stage).writes[0].source.shape)
-        if ndim >= 2 and kc % 4 == 0:
-            sch.storage_align(stage, 0, ndim - 2, 32, 4)  # rows 4 bytes off a bank multiple
-        own = _below(sch, stage, ko)
-        fused = sch.fuse(*own) if len(own) > 1 else own[0]
-        if _extent(sch, fused) % (ti * tj * vec):
-            vec = 1
-        *_, fy, fx, fv = sch.split(fused, [None, ti, tj, vec])
-        sch.bind(fy, "threadIdx.y")
-        sch.bind(fx, "threadIdx.x")
-        if vec > 1:
-            sch.vectorize(fv)
+    _stage_operands(sch, parts, ko, kc, (ti, tj), 4, unpack=False)
 
     init = sch.decompose_reduction(c, ko)
     for loop in [*sch.get_loops(init)[-2:], ci, cj]:
@@ -212,6 +272,64 @@ def _gemm(sch: s_tir.Schedule, t: GemmTiles) -> str | None:
         sch.tensorize(k4, intrin)
     _generic(sch, [b for b in (parts.weight_sums, *parts.others) if b is not None])  # kernels of their own
     return "-dp4a" if intrin else "-simt"
+
+
+def _gemm_mma(sch: s_tir.Schedule, parts: GemmParts, shape: str, t: MmaTiles) -> None:
+    """Warp tiles of `mma.sync` (schedules.mma): each warp owns fi x fj accumulator tiles in its
+    lanes' registers, loads its A and B fragments from the shared stages with `ldmatrix` per 32 k,
+    and runs the epilogue on the accumulator fragments, each lane on the elements it holds."""
+    c, out = parts.accumulator, parts.epilogue
+    m, n, k = _mnk(sch, parts)
+    wi, fi = _fit(m // mma.TILE_M, t.warps_i, t.frags_i)
+    wj, fj = _fit(n // mma.TILE_N, t.warps_j, t.frags_j)
+    kc = next(d for d in (t.k_chunk, mma.TILE_K) if k % d == 0)
+
+    sch.set_scope(c, 0, "warp")
+    *ob, oi, oj = sch.get_loops(out)
+    bi, wi_l, fi_l, ii = sch.split(oi, [None, wi, fi, mma.TILE_M])
+    bj, wj_l, fj_l, jj = sch.split(oj, [None, wj, fj, mma.TILE_N])
+    sch.reorder(bi, bj, wi_l, wj_l, fi_l, fj_l, ii, jj)
+    sch.bind(sch.fuse(*ob, bi) if ob else bi, "blockIdx.y")
+    sch.bind(bj, "blockIdx.x")
+    warp = sch.fuse(wi_l, wj_l)
+    sch.bind(warp, "threadIdx.y")
+    _bind_lanes(sch, fi_l, fj_l, ii, jj)
+    sch.compute_at(c, warp, preserve_unit_loops=True)
+    *_, ci, cj, ck = sch.get_loops(c)
+    cfi, cii = sch.split(ci, [None, mma.TILE_M])
+    cfj, cjj = sch.split(cj, [None, mma.TILE_N])
+    ko, kw, kk = sch.split(ck, [None, kc // mma.TILE_K, mma.TILE_K])
+    sch.reorder(ko, kw, cfi, cfj, cii, cjj, kk)
+    stages = _stage_operands(sch, parts, ko, kc, (wi * wj, mma.WARP), 16, unpack=True)
+
+    # each warp's fragments of one 32-k step, loaded by ldmatrix from the shared stages
+    fragments = []
+    for stage, rows_first, frags, intrin in zip(stages, (True, False), (fi, fj), (mma.LDMATRIX_A, mma.LDMATRIX_B)):
+        shared = sch.get(stage).writes[0].source
+        frag = sch.cache_read(c, next(i for i, r in enumerate(sch.get(c).reads) if r.source.same_as(shared)), "warp")
+        sch.compute_at(frag, kw, preserve_unit_loops=True)
+        sch.transform_layout(frag, ("write", 0), mma.operand_layout(rows_first, frags))
+        _, tile = sch.split(sch.get_loops(frag)[-2], [None, mma.TILE_M])
+        fragments.append((tile, intrin))
+    sch.transform_layout(c, ("write", 0), mma.acc_layout(fi, fj))
+
+    init = sch.decompose_reduction(c, ko)
+    _bind_lanes(sch, *sch.get_loops(init)[-4:])
+    for loop, intrin in fragments:
+        sch.tensorize(loop, intrin)
+    sch.tensorize(cii, mma.mma_intrin(shape))
+    _generic(sch, [b for b in (parts.weight_sums, *parts.others) if b is not None])
+
+
+def _bind_lanes(sch: s_tir.Schedule, fi, fj, ii, jj) -> None:
+    """Loops over fi x fj accumulator tiles (ii, jj: 16 each) -> each lane (threadIdx.x) over the
+    elements its fragments hold (mma.acc_fragment: lane 4 * (i % 8) + (j % 8) // 2)."""
+    i_hi, i_lo = sch.split(ii, [2, 8])
+    j_hi, j_mid, j_lo = sch.split(jj, [2, 4, 2])
+    sch.reorder(i_lo, j_mid, fi, fj, i_hi, j_hi, j_lo)
+    sch.bind(sch.fuse(i_lo, j_mid), "threadIdx.x")
+    for loop in (fi, fj, i_hi, j_hi, j_lo):
+        sch.unroll(loop)
 
 
 # --- rowwise ----------------------------------------------------------------------------------

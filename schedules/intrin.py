@@ -5,16 +5,27 @@ adding a 4-element product of one A group (broadcast) with a 16x4 packed B tile.
   LLVM 22's declaration wants <64 x i8>, and fails verification; here both operands are bytes.
 - ARM `sdot` (s8 x s8): four 4-lane instructions per tile. TVM's stock 4x4 intrinsic writes a
   global-scope C, which does not match our local accumulator.
+- x86 AVX2 without VNNI (s8 x s8), two ways. Exact for every operand: both widened to int16 and
+  multiplied in pairs by `vpmaddwd` (a pair's sum reaches at most 2 * 128 * 128), the pairs of
+  each column added by `vphaddd`, whose lane order a permutation undoes. Twice as fast where B
+  never holds -128: `vpmaddubsw` multiplies u8 by s8 into int16 pairs with saturation, so it takes
+  |a| and b * sign(a) (`vpsignb`): a pair is then at most 2 * 128 * 127 = 32512, exact unless b is
+  -128 (whose sign flip wraps). Linear weights never are (HF's clamp to [-127, 126]); the
+  schedule uses it on kernels that say so (`relay_ops.gemm.B_ABOVE_INT8_MIN`); `vpmaddwd` by ones
+  then widens the pairs into the int32 sums.
 And a 32-row block over the whole reduction on Intel AMX tiles (`tdpbusd`, u8 x s8), below.
 """
 
 import functools
 
 from tvm import s_tir
+from tvm.ir.prim.expr import Shuffle
 from tvm.script import tirx as T
 
 VNNI_INTRIN = "ibert_dot_16x4_u8i8i32_vnni"
 SDOT_INTRIN = "ibert_dot_16x4_i8i8i32_sdot"
+AVX2_INTRIN = "ibert_dot_16x4_i8i8i32_avx2"
+AVX2_SIGN_INTRIN = "ibert_dot_16x4_i8i8i32_avx2_sign"  # B above -128 only
 
 
 def _desc(a_dtype: str):
@@ -75,8 +86,59 @@ def _sdot(
             )
 
 
+@T.prim_func(s_tir=True)
+def _avx2(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        a = T.reinterpret(T.broadcast(T.reinterpret(T.Cast("int16x4", A.vload([0], "int8x4")), dtype="int64"), 4),
+                          dtype="int16x16")
+        for h in T.unroll(2):  # 8 columns x 4 k each, as two products of 4 columns
+            pairs = [T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                                             T.Cast("int16x16", B.vload([h * 8 + q * 4, 0], dtype="int8x16")), a,
+                                             dtype="int32x8") for q in range(2)]
+            # columns 0 1 4 5 | 2 3 6 7 of the eight (vphaddd adds within 128-bit lanes)
+            sums = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.phadd.d"), pairs[0], pairs[1],
+                                           dtype="int32x8")
+            C[T.ramp(h * 8, 1, 8)] = C.vload([h * 8], dtype="int32x8") + Shuffle([sums], [0, 1, 4, 5, 2, 3, 6, 7])
+
+
+@T.prim_func(s_tir=True)
+def _avx2_sign(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32")
+        magnitude = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"), a, a,
+                                            dtype="int8x32")  # -128 becomes 0x80: 128 as u8
+        for h in T.unroll(2):  # 8 columns x 4 k each
+            pairs = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                magnitude,
+                T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"),
+                                        B.vload([h * 8, 0], dtype="int8x32"), a, dtype="int8x32"),
+                dtype="int16x16",
+            )
+            C[T.ramp(h * 8, 1, 8)] = C.vload([h * 8], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                pairs,
+                T.broadcast(T.int16(1), 16),
+                dtype="int32x8",
+            )
+
+
 s_tir.TensorIntrin.register(VNNI_INTRIN, _desc("uint8"), _vnni)
 s_tir.TensorIntrin.register(SDOT_INTRIN, _desc("int8"), _sdot)
+s_tir.TensorIntrin.register(AVX2_INTRIN, _desc("int8"), _avx2)
+s_tir.TensorIntrin.register(AVX2_SIGN_INTRIN, _desc("int8"), _avx2_sign)
 
 
 # Intel AMX: eight tile registers of 16 rows x 64 bytes, configured alike (one 64-byte config):

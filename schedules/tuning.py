@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,10 +126,13 @@ def rpc_measure(target: tvm.target.Target, tracker: tuple[str, int], key: str, c
 
 
 def tune(mod: tvm.IRModule, cpu_name: str, isa: cpu.Isa, measure: Measure, trials: int | None = None,
-         folder: Path | None = None, progress: bool = True) -> dict[str, list[int]]:
+         folder: Path | None = None, progress: bool = True, seconds: float | None = None) -> dict[str, list[int]]:
     """Measure the tile candidates of each GEMM shape not yet recorded, shipped or in `folder` (with
     `trials`, that many spread over the shapes, the default tile first and at least it); add them to
-    `folder`'s records (default: the user's cache) and return what that file then holds."""
+    `folder`'s records (default: the user's cache) and return what that file then holds.
+
+    With `seconds`, shapes are measured largest first until that time is spent; only shapes whose
+    candidates were all measured are recorded, so a later call carries on where this one stopped."""
     folder = folder or user_records()
     known = load(cpu_name, folder)
     records = _read(record_file(cpu_name, folder))
@@ -138,6 +142,7 @@ def tune(mod: tvm.IRModule, cpu_name: str, isa: cpu.Isa, measure: Measure, trial
             shape = cpu.gemm_shape(func)
             if shape and cpu.tuned(isa, shape) and key(gv.name_hint, shape) not in known:
                 todo.setdefault(key(gv.name_hint, shape), (func, shape))
+    todo = dict(sorted(todo.items(), key=lambda kv: -int(np.prod(kv[1][1], dtype=np.int64))))
     plans = {}
     for k, (func, shape) in todo.items():
         first = cpu.default_tiles(*shape[-3:-1], isa)
@@ -147,19 +152,27 @@ def tune(mod: tvm.IRModule, cpu_name: str, isa: cpu.Isa, measure: Measure, trial
         plans = {k: c[: max(1, n)] for (k, c), n in zip(plans.items(), share)}
     if not todo:
         log.info("nothing to measure: every tunable GEMM shape of this model has a %s record", cpu_name)
-    else:
-        log.info("measuring %d tile candidates for %d GEMM shapes on %s", sum(map(len, plans.values())), len(plans),
-                 cpu_name)
-    bar = tqdm(total=sum(map(len, plans.values())), desc="tuning GEMM tiles", disable=not progress)
-    for k, candidates in plans.items():
-        func = todo[k][0]
-        timings = []
-        for t in candidates:
-            timings.append((measure(cpu.schedule(func, isa, t)), t))
-            bar.update()
-        records[k] = list(min(timings)[1])
-    bar.close()
-    if todo:
+        return records
+    log.info("measuring %d tile candidates for %d GEMM shapes on %s%s", sum(map(len, plans.values())), len(plans),
+             cpu_name, f" (for at most {seconds:.0f} s)" if seconds is not None else "")
+    deadline = None if seconds is None else time.monotonic() + seconds
+    done = 0
+    with tqdm(total=sum(map(len, plans.values())), desc="tuning GEMM tiles", disable=not progress) as bar:
+        for k, candidates in plans.items():
+            timings = []
+            for t in candidates:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                timings.append((measure(cpu.schedule(todo[k][0], isa, t)), t))
+                bar.update()
+            if len(timings) < len(candidates):
+                break
+            records[k] = list(min(timings)[1])
+            done += 1
+    if done < len(plans):
+        log.warning("tuned %d of %d GEMM shapes in the %.0f s allowed; the next compile (or `ibert-tvm tune`) "
+                    "measures the rest", done, len(plans), seconds)
+    if done:
         lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(records.items())]
         log.info("wrote %s", write_atomic(record_file(cpu_name, folder), "{\n" + ",\n".join(lines) + "\n}\n"))
     return records

@@ -14,13 +14,18 @@ from ibert_tvm.program import INT8, Linear, dyadic
 from ibert_tvm.relay_ops.linear import linear_kernel, requant_epilogue
 
 
+def gemm_lib(preset: str, lin: Linear, m: int, epilogue=None, out_dtype: str = "int8"):
+    """One linear-layer kernel compiled for a preset, and its constant operands."""
+    p = targets.get(preset)
+    epilogue = epilogue or requant_epilogue([dyadic(0.01, lin.acc_bound, INT8)])
+    k = linear_kernel("g", lin, m, epilogue, out_dtype, a_shift=p.a_shift)
+    return tvm.compile(build.schedule_module(tvm.IRModule({"g": k.func}), p), targets.tvm_target(p)), k.consts
+
+
 def gemm_asm(preset: str, m: int = 8, n: int = 64, k: int = 32) -> str:
     rng = np.random.default_rng(0)
     lin = Linear(rng.integers(-127, 127, (n, k)).astype(np.int8), rng.integers(-99, 99, n).astype(np.int32))
-    p = targets.get(preset)
-    k = linear_kernel("g", lin, m, requant_epilogue([dyadic(0.01, lin.acc_bound, INT8)]), "int8", a_shift=p.a_shift)
-    mod = build.schedule_module(tvm.IRModule({"g": k.func}), p)
-    return tvm.compile(mod, targets.tvm_target(p)).mod.inspect_source("asm")
+    return gemm_lib(preset, lin, m)[0].mod.inspect_source("asm")
 
 
 def test_vnni_target_uses_vpdpbusd():
@@ -37,7 +42,31 @@ def test_amx_target_uses_tiles_where_shapes_fill_them():
 def test_avx2_target_has_no_avx512():
     asm = gemm_asm("x86-avx2")
     assert "vpdpbusd" not in asm and "zmm" not in asm
-    assert "ymm" in asm  # still vectorized
+    assert "vpmaddubsw" in asm and "vpsignb" in asm  # the sign trick's pair products
+
+
+@pytest.mark.parametrize("weight_min", [-127, -128])
+def test_avx2_gemm_exact_at_the_saturation_edges(weight_min):
+    """Rows of -128 and 127 against weights at their extremes put every vpmaddubsw pair at its
+    largest magnitude (2 * 128 * 127); a weight of -128 (which the sign trick cannot flip) makes the
+    kernel take the 16-bit products (`vpmaddwd`, `vphaddd`) instead, exact as well."""
+    if not set(targets.get("x86-avx2").cpu_flags) <= targets.cpu_flags():
+        pytest.skip("this CPU lacks AVX2")
+    m, n, k = 8, 32, 64
+    rng = np.random.default_rng(1)
+    w = rng.choice([weight_min, 126, -1, 0], (n, k)).astype(np.int8)
+    w[0], w[1] = weight_min, 126
+    lin = Linear(w, rng.integers(-99, 99, n).astype(np.int32))
+    x = rng.choice([-128, 127, 0, 1], (m, k)).astype(np.int8)
+    x[0], x[1] = -128, 127
+    lib, consts = gemm_lib("x86-avx2", lin, m, lambda acc, j, c, e, i: acc, "int32")
+    asm = lib.mod.inspect_source("asm")
+    assert ("vpmaddubsw" in asm) == (weight_min > -128) and ("vphaddd" in asm) == (weight_min == -128)
+    out = tvm.runtime.tensor(np.zeros((m, n), np.int32))
+    lib["g"](tvm.runtime.tensor(x), *(tvm.runtime.tensor(c) for c in consts), out)
+    want = x.astype(np.int64) @ w.astype(np.int64).T + lin.bias
+    np.testing.assert_array_equal(out.numpy(), want)
+    assert np.abs(want).max() >= 64 * 127 * 127  # the edges were reached
 
 
 def test_arm_dotprod_target_uses_sdot():

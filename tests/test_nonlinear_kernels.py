@@ -6,11 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ibert_tvm import reference, targets
 from ibert_tvm.importer import iexp, tanh_of
 from ibert_tvm.program import EXP_CONST, INT16, Linear, Softmax
 from ibert_tvm.relay_ops.attention import softmax_kernel
+from ibert_tvm.relay_ops.common import Consts, iexp_bounds, make_kernel
+from ibert_tvm.relay_ops.common import iexp as iexp_expr
 from ibert_tvm.relay_ops.linear import linear_kernel, tanh_epilogue
 from ibert_tvm.schedules import cpu
 
@@ -21,6 +25,35 @@ def run_kernel(kernel, *inputs: np.ndarray) -> np.ndarray:
     out = tvm.runtime.tensor(np.zeros(kernel.out_shape, kernel.out_dtype))
     lib["main"](*[tvm.runtime.tensor(a) for a in (*inputs, *kernel.consts)], out)
     return out.numpy()
+
+
+def iexp_kernel(ie, size: int):
+    from tvm import te
+
+    x = te.placeholder((size,), "int32", name="x")
+    out = te.compute((size,), lambda i: iexp_expr(x[i], ie), name="O")
+    return make_kernel("iexp", "elementwise", [x], out, Consts("iexp"))
+
+
+@settings(max_examples=20, deadline=None)
+@given(scale=st.floats(2e-5, 5e-2), exp_at_zero=st.sampled_from([1, 255, 32767, 1 << 20]))
+def test_iexp_equals_reference_on_every_interval(scale, exp_at_zero):
+    """i-exp at any scale and output range, int32 tail or int64, against the reference on inputs
+    that reach every interval q (and q past the clamp), at both ends of each interval."""
+    c = (1 / 0.35815147) / scale**2
+    ie = iexp(scale, exp_at_zero / c, clamp=INT16 if exp_at_zero < 1 << 15 else (0, 1 << 21))
+    q = np.arange(EXP_CONST + 3)
+    x = np.unique(np.concatenate([q * ie.x0, q * ie.x0 + 1, q * ie.x0 - 1, [0, np.iinfo(np.int32).min + 1]]))
+    x = np.minimum(x, 0).astype(np.int32)
+    got = run_kernel(iexp_kernel(ie, x.size), x)
+    np.testing.assert_array_equal(got, reference.iexp(x, ie))
+
+
+def test_softmax_exp_takes_the_int32_tail_at_attention_scales():
+    """Scores' scales of real models (1e-4 .. 3e-2, outputs int16) keep i-exp's tail in int32."""
+    for scale in (1e-4, 1e-3, 3e-2):
+        c = (1 / 0.35815147) / scale**2
+        assert iexp_bounds(iexp(scale, 32767 / c, clamp=INT16)) == (True, True), scale
 
 
 @pytest.mark.parametrize("scale", [3e-2, 1e-3, 4e-5])

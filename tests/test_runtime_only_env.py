@@ -1,31 +1,25 @@
 """A deployed artifact runs with the base install alone: no torch, no transformers.
 
 A virtualenv with only `[project].dependencies` of pyproject.toml plus the project (--no-deps) is
-cached under ~/.cache/ibert-tvm/ (keyed by pyproject.toml; the project is reinstalled whenever its
-sources change). When pip cannot reach a package index the tests fail under CI=true and are
-skipped elsewhere, with a warning (conftest.ci_setup_failed).
+cached under ~/.cache/ibert-tvm/ (tests/venvs.py, keyed by that list; the project is reinstalled
+whenever its sources change). When pip cannot reach a package index the tests fail under CI=true
+and are skipped elsewhere, with a warning (conftest.ci_setup_failed).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, ci_setup_failed, random_inputs
-
-from ibert_tvm.files import cache_dir
+from conftest import REPO, random_inputs
+from venvs import cached_venv, clean_env, digest, pip
 
 PACKAGES = ("ibert_tvm", "relay_ops", "schedules")  # the folders installed as ibert_tvm.*
-NO_INDEX = ("NewConnectionError", "Temporary failure in name resolution", "Network is unreachable",
-            "Max retries exceeded", "ConnectTimeout", "ProxyError")
 
 pytestmark = pytest.mark.slow
 
@@ -55,42 +49,17 @@ print(json.dumps({"package": ibert_tvm.__file__}))
 '''
 
 
-def digest(paths) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(str(p.relative_to(REPO)).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def pip(python: Path, *args: str) -> None:
-    res = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args],
-                         capture_output=True, text=True, env=clean_env())
-    if res.returncode:
-        if any(s in res.stderr for s in NO_INDEX):
-            ci_setup_failed("runtime-only venv: pip cannot reach a package index, so the runner was not run "
-                            f"without torch and transformers: {res.stderr[-300:]}")
-        pytest.fail(f"pip install {' '.join(args)} failed:\n{res.stderr[-3000:]}")
-
-
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    return {**env, "PYTHONNOUSERSITE": "1"}
+def file_digest(paths: list[Path]) -> str:
+    return digest(part for p in sorted(paths) for part in (str(p.relative_to(REPO)).encode(), p.read_bytes()))
 
 
 @pytest.fixture(scope="session")
 def runtime_python(tmp_path_factory) -> Path:
     pyproject = REPO / "pyproject.toml"
-    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
-    venv = cache_dir() / f"runtime-venv-{digest([pyproject])}"
-    python = venv / "bin" / "python"
-    if not (venv / ".deps-ok").exists():
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip(python, *deps)
-        (venv / ".deps-ok").write_text("\n".join(deps))
+    python = cached_venv("runtime-venv", tomllib.loads(pyproject.read_text())["project"]["dependencies"])
+    venv = python.parents[1]
     sources = [pyproject, *(p for pkg in PACKAGES for p in (REPO / pkg).rglob("*") if p.is_file() and "__pycache__" not in p.parts)]
-    stamp = venv / f".project-{digest(sources)}"
+    stamp = venv / f".project-{file_digest(sources)}"
     if not stamp.exists():
         # install from a copy so that building the wheel writes nothing into the repository
         src = tmp_path_factory.mktemp("project-src")

@@ -380,7 +380,7 @@ def test_cli_keygen_sign_and_verify(artifact, tmp_path, capsys):
     assert cli.main(["keygen", "-o", str(key)]) == 2  # never over an existing key
     out = tmp_path / "art"
     assert cli.main(["compile", "--model", str(artifact.checkpoint), "--batch", "2", "--seq-len", str(SEQ),
-                     "--calib-texts", str(_texts(tmp_path)), "-o", str(out), "--sign-key", str(key)]) == 0
+                     "--calib-texts", str(_texts(tmp_path)), "-o", str(out), "--sign-key", str(key), "--no-tune"]) == 0
     capsys.readouterr()
     assert cli.main(["run", str(out), "good film", "--verify-key", str(tmp_path / "k.pub.pem"), "--json"]) == 0
     assert cli.main(["run", str(artifact.path), "good film", "--verify-key", str(tmp_path / "k.pub.pem")]) == 2
@@ -397,7 +397,7 @@ def _texts(tmp_path: Path) -> Path:
 def _compile(artifact, tmp_path, out, *extra) -> tuple[int, str]:
     res = subprocess.run([sys.executable, "-m", "ibert_tvm.cli", "compile", "--model", str(artifact.checkpoint),
                           "--batch", "2", "--seq-len", str(SEQ), "--calib-texts", str(_texts(tmp_path)),
-                          "-o", str(out), *extra], capture_output=True, text=True, timeout=600, cwd=REPO)
+                          "-o", str(out), "--no-tune", *extra], capture_output=True, text=True, timeout=600, cwd=REPO)
     return res.returncode, res.stderr
 
 
@@ -472,7 +472,7 @@ def test_two_compiles_to_one_output_exactly_one_wins(artifact, tmp_path):
     out = tmp_path / "out"
     texts = _texts(tmp_path)
     cmd = [sys.executable, "-m", "ibert_tvm.cli", "compile", "--model", str(artifact.checkpoint), "--batch", "2",
-           "--seq-len", str(SEQ), "--calib-texts", str(texts), "-o", str(out)]
+           "--seq-len", str(SEQ), "--calib-texts", str(texts), "-o", str(out), "--no-tune"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for _ in range(2)]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     assert sorted(rc for rc, _ in results) == [0, 2], results

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import CALIB_TEXTS, Spec
 
@@ -91,3 +92,45 @@ def test_the_users_records_overlay_the_shipped_ones(tiny_module, tmp_path, monke
     mine.write_text("[1, 2]")
     with pytest.raises(ValueError, match="expected an object"):
         tuning.load("ibert-test-cpu", tmp_path / "mine")
+
+
+def test_a_time_budget_records_whole_shapes_largest_first_and_the_next_call_continues(tiny_module, tmp_path,
+                                                                                      monkeypatch):
+    isa = cpu.ISAS["vnni"]
+    shapes = {tuning.key(gv.name_hint, s): s for gv, f in tiny_module.functions.items()
+              if "ibert.kind" in f.attrs and (s := cpu.gemm_shape(f)) and cpu.tuned(isa, s)}
+    order = sorted(shapes, key=lambda k: -np.prod(shapes[k]))
+    counts = [len(cpu.tile_candidates(*shapes[k][-3:-1], isa)) for k in order]
+    clock = [0.0]
+    monkeypatch.setattr(tuning.time, "monotonic", lambda: clock[0])
+
+    def measure(func) -> float:  # each measurement takes one second of the fake clock
+        clock[0] += 1
+        return 1.0
+
+    # a measurement begun before the deadline ends: the second shape misses its last candidate, unrecorded
+    budget = counts[0] + counts[1] - 2
+    first = tuning.tune(tiny_module, "ibert-test-cpu", isa, measure, folder=tmp_path, progress=False, seconds=budget)
+    assert list(first) == order[:1] and clock[0] == budget + 1
+    rest = tuning.tune(tiny_module, "ibert-test-cpu", isa, measure, folder=tmp_path, progress=False, seconds=1e9)
+    assert sorted(rest) == sorted(order) and clock[0] == budget + 1 + sum(counts[1:])
+
+
+def test_compile_for_host_tunes_what_has_no_record_unless_told_not_to(artifact, tmp_path, capsys, monkeypatch):
+    measured = []
+    monkeypatch.setattr(tuning, "local_measure", lambda target: lambda func: measured.append(func) or 1.0)
+    texts = tmp_path / "calib.txt"
+    texts.write_text("\n".join(CALIB_TEXTS))
+    model = ["--model", str(artifact.checkpoint), "--batch", "2", "--seq-len", "16", "--calib-texts", str(texts)]
+    assert cli.main(["compile", *model, "--records", str(tmp_path / "none"), "--no-tune", "-o", str(tmp_path / "a")]) == 0
+    assert not measured and not (tmp_path / "none").exists()
+    host = targets.get("host")
+    if not tuning.record_files(host.target["mcpu"], tmp_path / "none"):
+        assert "no tuning records for" in capsys.readouterr().err
+    assert cli.main(["compile", *model, "--records", str(tmp_path / "rec"), "-o", str(tmp_path / "b")]) == 0
+    records = tuning._read(tuning.record_file(host.target["mcpu"], tmp_path / "rec"))
+    assert measured and records and len(measured) >= len(records)
+    assert "tiles    tuned where" in capsys.readouterr().out
+    measured.clear()
+    assert cli.main(["compile", *model, "--records", str(tmp_path / "rec"), "-o", str(tmp_path / "c")]) == 0
+    assert not measured  # every shape has its record now

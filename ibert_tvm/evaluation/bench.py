@@ -97,13 +97,16 @@ def model_dir(name: str) -> Path:
     return out
 
 
-def artifact_for(model: str, batch: int, seq: int) -> Path:
-    """The INT8 artifact for (model, batch, seq), compiled in the parent (the worker that runs it
-    must not import the compiler), afresh each run: one left by an earlier compiler times old kernels."""
-    from ..compile import compile_model
+def artifact_for(model: str, batch: int, seq: int, target: str = "host") -> Path:
+    """The INT8 artifact for (model, batch, seq) and a target preset this machine runs, compiled in
+    the parent (the worker that runs it must not import the compiler), afresh each run: one left by
+    an earlier compiler times old kernels. Tiles are tuned for this CPU as `compile` tunes them
+    (`host` only, once: the records are kept)."""
+    from ..compile import DEFAULT_TUNE_SECONDS, compile_model
 
-    out = Path(f"artifacts/bench-{model}-{batch}x{seq}")
-    return compile_model(compile_options(model, batches=(batch,), seq_len=seq, out=out, force=True))
+    out = Path(f"artifacts/bench-{model}-{batch}x{seq}" + ("" if target == "host" else f"-{target}"))
+    return compile_model(compile_options(model, target=target, batches=(batch,), seq_len=seq, out=out, force=True,
+                                         tune_seconds=DEFAULT_TUNE_SECONDS))
 
 
 def compile_options(model: str, **fields) -> "CompileOptions":  # noqa: F821
@@ -127,11 +130,11 @@ def calibration_feeds(tokenizer_file: Path, seq: int, pad: int) -> list[dict[str
     return [{k: v.numpy() for k, v in b.items()} for b in batches]
 
 
-def prepare(name: str, model: str, batch: int, seq: int) -> Path | None:
+def prepare(name: str, model: str, batch: int, seq: int, target: str = "host") -> Path | None:
     """What a system deploys, made here in the parent so that no worker's peak RSS counts the
     compiler or exporter: our artifact, the .onnx files, OpenVINO's IR, TVM's FP32 library."""
     if name == OURS:
-        return artifact_for(model, batch, seq)
+        return artifact_for(model, batch, seq, target)
     if name not in TORCH_FREE:
         return None
     from . import baselines
@@ -284,10 +287,10 @@ def _worker(conn, name: str, model: str, ids: np.ndarray, threads: int, lib: Pat
     conn.send(peak_rss_mib())
 
 
-def timings(fn: Callable[[], object], reps: int) -> list[float]:
-    """Seconds of each of `reps` calls of `fn`."""
-    out = []
-    for _ in range(reps):
+def timings(fn: Callable[[], object], reps: int, budget_s: float = float("inf")) -> list[float]:
+    """Seconds of each of `reps` calls of `fn`, fewer when they add up to `budget_s` first (at least one)."""
+    out: list[float] = []
+    while len(out) < reps and (not out or sum(out) < budget_s):
         t = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t)
@@ -317,7 +320,8 @@ def random_ids(model: str, batch: int, seq: int) -> np.ndarray:
     return np.random.default_rng(0).integers(min(1000, vocab // 2), min(20000, vocab), (batch, seq), dtype=np.int64)
 
 
-def measure(systems: list[str], model: str, batch: int, seq: int, rounds: int, reps: int, threads: int) -> Result:
+def measure(systems: list[str], model: str, batch: int, seq: int, rounds: int, reps: int, threads: int,
+            target: str = "host") -> Result:
     """name -> (times in s, peak RSS MiB), or why it did not run (not installed, failed)."""
     ctx = mp.get_context("spawn")
     workers, result = {}, {}
@@ -327,7 +331,7 @@ def measure(systems: list[str], model: str, batch: int, seq: int, rounds: int, r
             result[name] = why
             continue
         try:
-            lib = prepare(name, model, batch, seq)
+            lib = prepare(name, model, batch, seq, target)
         except Exception as err:  # noqa: BLE001 - as in the worker: a table cell, the others go on
             result[name] = _failure(err)
             continue
@@ -416,7 +420,8 @@ def cpu_model() -> str:
 
 
 def title(a: argparse.Namespace) -> str:
-    return (f"ibert-tvm bench on {cpu_model()}: {a.threads} threads, {a.rounds} rounds x {a.reps} calls\n"
+    ours = "" if a.target == "host" else f", {OURS} compiled for {a.target}"
+    return (f"ibert-tvm bench on {cpu_model()}{ours}: {a.threads} threads, {a.rounds} rounds x {a.reps} calls\n"
             f"{', '.join(a.models)} at batch x seq {', '.join(a.shapes)}; median latency")
 
 
@@ -484,6 +489,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds: each system's block once a round")
     p.add_argument("--reps", type=int, default=15, help=f"timed calls per block (after {WARMUP} untimed)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="threads of every system")
+    p.add_argument("--target", default="host", help=f"the preset {OURS} compiles for, one this machine runs (e.g. "
+                                                    "x86-avx2 on a CPU with more, to time those kernels)")
     p.add_argument("--png", default="artifacts/bench.png", help="the plot")
     width = max(map(len, SYSTEMS))
     p.epilog = "systems:\n" + "\n".join(f"  {n:<{width}}  {s.about}" for n, s in SYSTEMS.items())
@@ -501,7 +508,10 @@ def run(a: argparse.Namespace) -> int:
     for name in systems:
         if why := unavailable(name):
             print(f"ibert-tvm bench: skipping {name}: {why}", file=sys.stderr)
-    rows = [(m, f"{b}x{n}", measure(systems, m, b, n, a.rounds, a.reps, a.threads)) for m in a.models for b, n in shapes]
+    rows = [(m, f"{b}x{n}", measure(systems, m, b, n, a.rounds, a.reps, a.threads, a.target))
+            for m in a.models for b, n in shapes]
+    if a.target != "host":
+        print(f"{OURS}: compiled for {a.target}\n")
     print(table(rows))
     if line := headline(rows):
         print(f"\n{line}")
