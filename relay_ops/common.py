@@ -63,13 +63,16 @@ def rshift_round(x: tvm.ir.expr.Expr, e: tvm.ir.expr.Expr, dtype: str = I64) -> 
 
 def requant(x: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.expr.Expr | None = None) -> tvm.ir.expr.Expr:
     """``clamp((x * m + 2**(e-1)) >> e)``, with m, e immediates or per-channel constant tensors;
-    in int32 when the requantization's bound allows (half the vector work of int64)."""
+    in int32 when the requantization's bound allows (half the vector work of int64). Per channel,
+    the rounding term is a constant tensor too: computing it per element (a variable shift and a
+    subtraction per vector) cost 6% of the i-GELU GEMM's time."""
     dt = "int32" if rq.fits_int32 else I64
-    if rq.per_channel:
-        m, e = consts.add(rq.m.astype(dt), "m")[ch], consts.add(rq.e.astype(dt), "e")[ch]
-    else:
+    if not rq.per_channel:
         m, e = tirx.const(int(rq.m), dt), tirx.const(int(rq.e), dt)
-    return clamp(rshift_round(x.astype(dt) * m, e, dt).astype(I64), rq.lo, rq.hi)
+        return clamp(rshift_round(x.astype(dt) * m, e, dt).astype(I64), rq.lo, rq.hi)
+    m, e = consts.add(rq.m.astype(dt), "m")[ch], consts.add(rq.e.astype(dt), "e")[ch]
+    half = consts.add(np.left_shift(1, rq.e.astype(np.int64) - 1).astype(dt), "r")[ch]
+    return clamp(((x.astype(dt) * m + half) >> e).astype(I64), rq.lo, rq.hi)
 
 
 def chain(x: tvm.ir.expr.Expr, rqs: list[Requant], consts: Consts, ch: tvm.ir.expr.Expr) -> tvm.ir.expr.Expr:
