@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 import shutil
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from .manifest import Bucket, Manifest, Output, Target, Tensor, TokenizerInfo
 from .names import function_name
 from .program import IntProgram
 
+log = logging.getLogger(__name__)
 # One text runs on the batch-1 function and bulk work in batches of 8 (default model, 1x128: per
 # row 8 costs ~7.5x what 1 does); more sizes cost compile time and library size.
 DEFAULT_BATCHES = (1, 8)
@@ -136,8 +138,13 @@ def _compile_into(stage: artifact.Staging, preset: targets.Preset, program: IntP
     batches = sorted(set(opt.batches))
     graph = build_graphs(program, batches, seq_lens, preset.a_shift, choices)
     if opt.tune_seconds and preset.name == "host" and preset.device_kind.tunable:
-        # the library runs on this CPU: measure its tiles here rather than guess them
-        tune_graph(graph, preset, records=opt.records, progress=opt.progress, seconds=opt.tune_seconds)
+        # the library runs on this CPU: measure its tiles here rather than guess them. A failed
+        # measurement costs speed, not the artifact: compile goes on with what was recorded.
+        try:
+            tune_graph(graph, preset, records=opt.records, progress=opt.progress, seconds=opt.tune_seconds)
+        except Exception as err:  # noqa: BLE001 - any failure of the tuner, reported
+            log.warning("tuning the GEMM tiles failed (%s: %s); compiling with the records there are and default "
+                        "sizes elsewhere", type(err).__name__, err)
     executable = compile_graph(graph, preset, records=opt.records)
     manifest = Manifest(
         model_class=program.model_class,

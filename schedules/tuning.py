@@ -67,6 +67,11 @@ def load(cpu_name: str, folder: Path | None = None) -> dict[str, list[int]]:
     return records
 
 
+def _write(records: dict[str, list[int]], f: Path) -> None:
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(records.items())]
+    write_atomic(f, "{\n" + ",\n".join(lines) + "\n}\n")
+
+
 def key(name: str, shape: tuple[int, ...]) -> str:
     return f"{kernel_kind(name)}:{'x'.join(map(str, shape))}"
 
@@ -169,10 +174,10 @@ def tune(mod: tvm.IRModule, cpu_name: str, isa: cpu.Isa, measure: Measure, trial
                 break
             records[k] = list(min(timings)[1])
             done += 1
+            _write(records, record_file(cpu_name, folder))  # each shape as it is done: an interrupt keeps them
     if done < len(plans):
         log.warning("tuned %d of %d GEMM shapes in the %.0f s allowed; the next compile (or `ibert-tvm tune`) "
                     "measures the rest", done, len(plans), seconds)
     if done:
-        lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(records.items())]
-        log.info("wrote %s", write_atomic(record_file(cpu_name, folder), "{\n" + ",\n".join(lines) + "\n}\n"))
+        log.info("wrote %s", record_file(cpu_name, folder))
     return records

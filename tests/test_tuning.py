@@ -134,3 +134,35 @@ def test_compile_for_host_tunes_what_has_no_record_unless_told_not_to(artifact, 
     measured.clear()
     assert cli.main(["compile", *model, "--records", str(tmp_path / "rec"), "-o", str(tmp_path / "c")]) == 0
     assert not measured  # every shape has its record now
+
+
+def test_a_failing_tuner_leaves_a_working_artifact_and_the_shapes_it_finished(artifact, tiny_module, tmp_path,
+                                                                             capsys, monkeypatch, caplog):
+    """Measured shapes are written as each is done; a tuner that then fails (or is interrupted) keeps
+    them, and compile goes on with default tiles for the rest."""
+    isa = cpu.ISAS[targets.get("host").isa]
+    shapes = [s for f in tiny_module.functions.values() if "ibert.kind" in f.attrs
+              and (s := cpu.gemm_shape(f)) and cpu.tuned(isa, s)]
+    largest = max(shapes, key=np.prod)
+    calls = []
+
+    def measure(func) -> float:  # breaks in the second shape
+        calls.append(func)
+        if len(calls) > len(cpu.tile_candidates(*largest[-3:-1], isa)):
+            raise RuntimeError("the timer broke")
+        return 1.0
+
+    monkeypatch.setattr(tuning, "local_measure", lambda target: measure)
+    texts = tmp_path / "calib.txt"
+    texts.write_text("\n".join(CALIB_TEXTS))
+    argv = ["compile", "--model", str(artifact.checkpoint), "--batch", "2", "--seq-len", "16", "--calib-texts",
+            str(texts), "--records", str(tmp_path / "rec"), "-o", str(tmp_path / "a")]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert "tuning the GEMM tiles failed (RuntimeError: the timer broke)" in caplog.text
+    host = targets.get("host")
+    kept = tuning._read(tuning.record_file(host.target["mcpu"], tmp_path / "rec"))
+    assert len(kept) == 1  # the shape done before the failure, not the one it broke in
+    from ibert_tvm.runner import Runner
+
+    with Runner(tmp_path / "a") as r:
+        assert r.run_integer([[5, 6, 7]])["last_hidden_state"].shape[:2] == (1, 3)
