@@ -225,7 +225,7 @@ class Runner:
         chunks = self._library.submit(self._invoke, width, calls, *padded).result()
         out: dict[str, Any] = {}
         for i, spec in enumerate(self.outputs):
-            val = np.concatenate([c[i] for c in chunks])[:n] if len(chunks) > 1 else chunks[0][i][:n]
+            val = np.concatenate([c[i] for c in chunks])[:n]
             axis = spec.seq_axis
             out[spec.name] = val if axis is None else np.take(val, np.arange(s), axis=axis)
         out["scales"] = self.scales

@@ -48,9 +48,14 @@ def test_tune_rejects_a_zero_budget_and_gpu_targets(artifact, capsys):
         tune_graph(None, targets.get("cuda-sm75"))
 
 
+def _gemm_shapes(module, isa: cpu.Isa) -> dict[str, tuple[int, ...]]:
+    """Record key -> shape of the module's tunable GEMMs."""
+    return {tuning.key(gv.name_hint, s): s for gv, f in module.functions.items()
+            if "ibert.kind" in f.attrs and (s := cpu.gemm_shape(f)) and cpu.tuned(isa, s)}
+
+
 def _gemm_keys(module, isa: cpu.Isa) -> list[str]:
-    shapes = {gv.name_hint: cpu.gemm_shape(f) for gv, f in module.functions.items() if "ibert.kind" in f.attrs}
-    return sorted({tuning.key(n, s) for n, s in shapes.items() if s and cpu.tuned(isa, s)})
+    return sorted(_gemm_shapes(module, isa))
 
 
 @pytest.fixture
@@ -97,8 +102,7 @@ def test_the_users_records_overlay_the_shipped_ones(tiny_module, tmp_path, monke
 def test_a_time_budget_records_whole_shapes_largest_first_and_the_next_call_continues(tiny_module, tmp_path,
                                                                                       monkeypatch):
     isa = cpu.ISAS["vnni"]
-    shapes = {tuning.key(gv.name_hint, s): s for gv, f in tiny_module.functions.items()
-              if "ibert.kind" in f.attrs and (s := cpu.gemm_shape(f)) and cpu.tuned(isa, s)}
+    shapes = _gemm_shapes(tiny_module, isa)
     order = sorted(shapes, key=lambda k: -np.prod(shapes[k]))
     counts = [len(cpu.tile_candidates(*shapes[k][-3:-1], isa)) for k in order]
     clock = [0.0]
@@ -141,9 +145,7 @@ def test_a_failing_tuner_leaves_a_working_artifact_and_the_shapes_it_finished(ar
     """Measured shapes are written as each is done; a tuner that then fails (or is interrupted) keeps
     them, and compile goes on with default tiles for the rest."""
     isa = cpu.ISAS[targets.get("host").isa]
-    shapes = [s for f in tiny_module.functions.values() if "ibert.kind" in f.attrs
-              and (s := cpu.gemm_shape(f)) and cpu.tuned(isa, s)]
-    largest = max(shapes, key=np.prod)
+    largest = max(_gemm_shapes(tiny_module, isa).values(), key=np.prod)
     calls = []
 
     def measure(func) -> float:  # breaks in the second shape
