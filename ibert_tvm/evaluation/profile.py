@@ -30,11 +30,11 @@ from ..names import bucket_symbol, function_name, kernel_kind
 from ..targets import DEVICE_KINDS
 from .bench import SETTLE_S, WARMUP, bars, cpu_model, install_hint, int8_gemms, pyplot, save, timings
 
-# every kernel the graph emits, by role (graph.build_graph and its heads), in forward order
+# every kernel the graph emits, by role (graph.build_graph and its heads): the linear layers (int8
+# weight `{kernel}.0` [N, K] in any layout, int32 bias `{kernel}.1` [N]) and the rest
 LINEAR = ("qkv", "attn_out", "inter", "ffn_out", "pooler", "cls_dense", "cls_out", "lm_dense", "lm_decoder", "tok_out",
-          "qa_start", "qa_end")  # int8 weight `{kernel}.0` [N, K] in any layout, int32 bias `{kernel}.1` [N]
-ROLES = ("embed", "embed_ln", "qkv", "scores", "softmax", "context", "attn_out", "attn_ln", "inter", "ffn_out",
-         "ffn_ln", "pooler", "cls_dense", "cls_out", "lm_dense", "lm_ln", "lm_decoder", "tok_out", "qa_start", "qa_end")
+          "qa_start", "qa_end")
+ROLES = frozenset((*LINEAR, "embed", "embed_ln", "scores", "softmax", "context", "attn_ln", "ffn_ln", "lm_ln"))
 ABOUT = {"inter": "inter (+GELU)", "attn_out": "attn_out (+residual)", "ffn_out": "ffn_out (+residual)",
          "pooler": "pooler (+tanh)", "cls_dense": "cls_dense (+tanh)", "lm_dense": "lm_dense (+GELU)"}
 OTHER = "other (runner, VM)"
