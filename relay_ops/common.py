@@ -56,6 +56,14 @@ def clamp(x: tvm.ir.expr.Expr, lo: int | None, hi: int | None) -> tvm.ir.expr.Ex
     return tirx.max(tirx.min(x, tirx.const(hi, str(x.ty))), tirx.const(lo, str(x.ty)))
 
 
+def opaque_sum(a: tvm.ir.expr.Expr, b: tvm.ir.expr.Expr) -> tvm.ir.expr.Expr:
+    """a + b of int32s that never overflow, as a wrapping add. LLVM distributes a sign extension
+    over a signed (nsw) add, and a sum of two extended values may take 33 bits: a 64-bit product
+    of it is then `vpmullq` (3 uops) rather than `vpmuldq` (1). Reinterpreted, not cast: TVM's
+    bound analysis takes a cast of a uint32 for non-negative."""
+    return tirx.reinterpret("int32", a.astype("uint32") + b.astype("uint32"))
+
+
 def rshift_round(x: tvm.ir.expr.Expr, e: tvm.ir.expr.Expr, dtype: str = I64) -> tvm.ir.expr.Expr:
     one = tirx.const(1, dtype)
     return (x + (one << (e - one))) >> e
@@ -70,7 +78,10 @@ def requant(x: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.expr.Ex
     if not rq.per_channel:
         m, e = tirx.const(int(rq.m), dt), tirx.const(int(rq.e), dt)
         return clamp(rshift_round(x.astype(dt) * m, e, dt).astype(I64), rq.lo, rq.hi)
-    m, e = consts.add(rq.m.astype(dt), "m")[ch], consts.add(rq.e.astype(dt), "e")[ch]
+    # an int32 table of m even for int64 products: a product with a sign-extended 32-bit value is
+    # one `vpmuldq` where LLVM can pair it that way (i-GELU's x * (erf + one) * m), not `vpmullq`
+    m_dt = "int32" if int(np.abs(rq.m).max()) < 2**31 else I64
+    m, e = consts.add(rq.m.astype(m_dt), "m")[ch].astype(dt), consts.add(rq.e.astype(dt), "e")[ch]
     half = consts.add(np.left_shift(1, rq.e.astype(np.int64) - 1).astype(dt), "r")[ch]
     return clamp(((x.astype(dt) * m + half) >> e).astype(I64), rq.lo, rq.hi)
 

@@ -10,7 +10,7 @@ from tvm import te, tirx
 
 from ibert_tvm.program import INT22, Gelu, Linear, Requant, Tanh
 
-from .common import I64, Consts, Kernel, c64, chain, clamp, iexp, make_kernel, requant
+from .common import I64, Consts, Kernel, c64, chain, clamp, iexp, make_kernel, opaque_sum, requant
 from .gemm import B_ABOVE_INT8_MIN, U8_SHIFT, compensation, int8_matmul, pack_weight, packable
 
 Expr = tvm.ir.expr.Expr
@@ -42,7 +42,7 @@ def linear_kernel(
     extras = [te.placeholder(shape, dtype, name=f"in{j}") for j, (shape, dtype) in enumerate(extra_inputs)]
     out = int8_matmul(
         (), m, n, k, a, w, packed,
-        lambda acc, i, j: epilogue(acc + bias[j], j, consts, extras, i),
+        lambda acc, i, j: epilogue(opaque_sum(acc, bias[j]), j, consts, extras, i),
         out_dtype, a_shift,
     )
     return make_kernel(name, "gemm", [x, *extras], out, consts,
@@ -62,17 +62,28 @@ def residual_epilogue(acc_rq: Requant, res_rq: Requant) -> Epilogue:
 
 
 def gelu_epilogue(g: Gelu) -> Epilogue:
-    """i-GELU with per-channel constants, then its requantization chain to int8."""
+    """i-GELU with per-channel constants, then its requantization chain to int8.
+
+    Where the constants allow (every model measured), x, the clamped |x| and erf + one are int32
+    and the two squares/products 32 x 32 -> 64-bit (`vpmuldq`): only the square's sum and the
+    first requantization need int64 lanes."""
+    narrow = max(int(np.abs(g.b).max()), g.erf_bound + int(np.abs(g.one).max())) < 2**31
+
     def f(acc, j, consts, extras, i):
-        b, c, one = (consts.add(v, name)[j] for v, name in ((g.b, "gb"), (g.c, "gc"), (g.one, "g1")))
-        x = acc.astype(I64)
-        # |x| as max(x, -x): TVM lowers abs to a select that the simplifier then pushes through
-        # the square, computing the polynomial twice per element
-        a = tirx.min(tirx.max(x, -x), -b) + b
-        v = a * a + c
-        # sign(x) * v as a select: at x == 0 the erf value is multiplied by x == 0 anyway
-        erf = tirx.Select(x < c64(0), -v, v) >> c64(g.ERF_SHIFT)
-        return chain(x * (erf + one), g.out, consts, j)
+        dt = "int32" if narrow else I64
+        nb, one = (consts.add(v.astype(dt), name)[j] for v, name in ((-g.b, "gnb"), (g.one, "g1")))
+        c = consts.add(g.c, "gc")[j]
+        x = acc.astype(dt)
+        zero = tirx.const(0, dt)
+        # (min(|x|, -b) + b)**2 as u**2 with u = max(-b - |x|, 0) in [0, -b]; |x| as max(x, -x): TVM
+        # lowers abs to a select that the simplifier then pushes through the square
+        u = tirx.max(nb - tirx.max(x, -x), zero).astype(I64)
+        v = u * u + c
+        # sign(x) * v as (v ^ s) - s with s = -1 for x < 0 (at x == 0 the erf value is multiplied
+        # by x == 0 anyway): a select would have TVM's simplifier specialize the polynomial to each sign
+        s = (x >> tirx.const(31 if narrow else 63, dt)).astype(I64)
+        erf = (((v ^ s) - s) >> c64(g.ERF_SHIFT)).astype(dt)
+        return chain(x.astype(I64) * opaque_sum(erf, one).astype(I64), g.out, consts, j)
     return f
 
 

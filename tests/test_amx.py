@@ -1,4 +1,5 @@
-"""Intel AMX: the batched (attention) form of the tile GEMM, and the OS permission it needs."""
+"""Intel AMX: the linear layers in both loop orders, the batched (attention) form of the tile
+GEMM, and the OS permission it needs."""
 
 from __future__ import annotations
 
@@ -9,17 +10,45 @@ import pytest
 import tvm
 
 from ibert_tvm import reference, targets
-from ibert_tvm.program import INT8, dyadic
+from ibert_tvm.importer import gelu_of
+from ibert_tvm.program import INT8, Linear, dyadic
 from ibert_tvm.relay_ops.attention import context_kernel
+from ibert_tvm.relay_ops.linear import gelu_epilogue, linear_kernel
 from ibert_tvm.schedules import cpu
+
+
+def amx_host() -> targets.Preset:
+    host = targets.get("host")
+    if host.isa != "amx":
+        pytest.skip("this CPU (or its OS) offers no AMX tiles")
+    return host
+
+
+@pytest.mark.parametrize("n, k", [(512, 256), (2048, 768)], ids=["rows-first", "columns-first"])
+def test_linear_on_the_tiles_equals_numpy(n, k):
+    """A weight that L2 keeps takes row tiles outermost, a larger one column blocks; either way
+    the i-GELU epilogue reads the tiles' sums exactly."""
+    host = amx_host()
+    assert (n * k > cpu.AMX_L2_WEIGHT) == (n == 2048)
+    rng = np.random.default_rng(1)
+    lin = Linear(rng.integers(-127, 128, (n, k)).astype(np.int8), rng.integers(-5000, 5000, n).astype(np.int32))
+    g = gelu_of(lin, rng.uniform(1e-5, 3e-5, n), [0.03, 0.035])
+    m = 64
+    kern = linear_kernel("g", lin, m, gelu_epilogue(g), "int8")
+    lib = tvm.compile(tvm.IRModule({"main": cpu.schedule(kern.func, cpu.ISAS["amx"])}), targets.tvm_target(host))
+    assert "tdpbusd" in lib.mod.inspect_source("asm")
+    x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    out = tvm.runtime.tensor(np.zeros(kern.out_shape, kern.out_dtype))
+    lib["main"](tvm.runtime.tensor(x), *map(tvm.runtime.tensor, kern.consts), out)
+    want = reference.gelu(reference.linear(x, lin), g)
+    assert len(np.unique(want)) > 100
+    np.testing.assert_array_equal(out.numpy(), want)
 
 
 def test_attention_context_on_the_tiles_equals_numpy():
     """P V per head over 256 keys (K >= 256: on the tiles; the encoder shapes of the bit-exact
     tests have fewer keys), requantized to int8 in the [batch, heads, keys, d] layout."""
-    host = targets.get("host")
-    if host.isa != "amx":
-        pytest.skip("this CPU (or its OS) offers no AMX tiles")
+    host = amx_host()
     batch, seq, hidden, heads = 2, 256, 64, 2
     d = hidden // heads
     assert cpu.amx_fits(seq, d, seq)
