@@ -64,26 +64,24 @@ def residual_epilogue(acc_rq: Requant, res_rq: Requant) -> Epilogue:
 def gelu_epilogue(g: Gelu) -> Epilogue:
     """i-GELU with per-channel constants, then its requantization chain to int8.
 
-    Where the constants allow (every model measured), x, the clamped |x| and erf + one are int32
-    and the two squares/products 32 x 32 -> 64-bit (`vpmuldq`): only the square's sum and the
-    first requantization need int64 lanes."""
-    narrow = max(int(np.abs(g.b).max()), g.erf_bound + int(np.abs(g.one).max())) < 2**31
+    Where -b fits int32 (every model measured), the clamped |x| is int32 and its square one
+    32 x 32 -> 64-bit product (`vpmuldq`), as is x times the int32 multiplier of the first
+    requantization: one full 64-bit product per element is left."""
+    dt = "int32" if int(np.abs(g.b).max()) < 2**31 else I64
 
     def f(acc, j, consts, extras, i):
-        dt = "int32" if narrow else I64
-        nb, one = (consts.add(v.astype(dt), name)[j] for v, name in ((-g.b, "gnb"), (g.one, "g1")))
-        c = consts.add(g.c, "gc")[j]
+        nb = consts.add((-g.b).astype(dt), "gnb")[j]
+        c, one = consts.add(g.c, "gc")[j], consts.add(g.one, "g1")[j]
         x = acc.astype(dt)
-        zero = tirx.const(0, dt)
         # (min(|x|, -b) + b)**2 as u**2 with u = max(-b - |x|, 0) in [0, -b]; |x| as max(x, -x): TVM
         # lowers abs to a select that the simplifier then pushes through the square
-        u = tirx.max(nb - tirx.max(x, -x), zero).astype(I64)
-        v = u * u + c
+        u = tirx.max(nb - tirx.max(x, -x), tirx.const(0, dt)).astype(I64)
+        x = x.astype(I64)
         # sign(x) * v as (v ^ s) - s with s = -1 for x < 0 (at x == 0 the erf value is multiplied
         # by x == 0 anyway): a select would have TVM's simplifier specialize the polynomial to each sign
-        s = (x >> tirx.const(31 if narrow else 63, dt)).astype(I64)
-        erf = (((v ^ s) - s) >> c64(g.ERF_SHIFT)).astype(dt)
-        return chain(x.astype(I64) * opaque_sum(erf, one).astype(I64), g.out, consts, j)
+        s = x >> c64(63)
+        erf = (((u * u + c) ^ s) - s) >> c64(g.ERF_SHIFT)
+        return chain(x * (erf + one), g.out, consts, j)
     return f
 
 
