@@ -1,7 +1,9 @@
-"""Multi-head attention on the stacked int8 QKV activations [B*S, 3H]: three kernels.
+"""Multi-head attention on the stacked int8 QKV activations [B*S, 3H]: three kernels, or two.
 
 scores = Q K^T (int8 x int8 -> int32), i-softmax with integer masking (u8 probabilities at scale
-1/256), context = P V requantized to int8 and laid out [B, heads, S, d] for the next GEMM.
+1/256), context = P V requantized to int8 and laid out [B, heads, S, d] for the next GEMM. The
+context kernel may compute the softmax itself (`fused_softmax`), as the stages that produce its
+GEMM's activation.
 """
 
 from __future__ import annotations
@@ -72,10 +74,9 @@ def _times_factor(e: tirx.PrimExpr, factor: tirx.PrimExpr, shift: int) -> tirx.P
     return (e * hi + ((e * lo) >> 16)) >> (shift - 16)
 
 
-def softmax_kernel(name: str, sm: Softmax, batch: int, heads: int, seq: int) -> Kernel:
-    """i-softmax over keys; masked keys (mask == 0) are excluded from the max and get 0."""
-    scores = te.placeholder((batch, heads, seq, seq), "int32", name="scores")
-    mask = te.placeholder((batch, seq), "int32", name="mask")
+def _probs(scores: te.Tensor, mask: te.Tensor, sm: Softmax, batch: int, heads: int, seq: int) -> te.Tensor:
+    """i-softmax of int32 scores [batch, heads, seq, keys] over keys, u8 at scale 1/256; masked keys
+    (mask == 0) are excluded from the max and get 0."""
     j = te.reduce_axis((0, seq), name="j")
     low = tirx.min_value("int32")
     mx = te.compute(
@@ -113,15 +114,34 @@ def softmax_kernel(name: str, sm: Softmax, batch: int, heads: int, seq: int) -> 
             p = (e[b, h, i, k].astype(I64) * factor[b, h, i]) >> c64(shift)
         return tirx.min(p, tirx.const(255, "int32" if int32 else I64)).astype("uint8")
 
-    out = te.compute((batch, heads, seq, seq), prob, name="O")
+    return te.compute((batch, heads, seq, seq), prob, name="probs")
+
+
+def _inputs(batch: int, heads: int, seq: int) -> tuple[te.Tensor, te.Tensor]:
+    return (te.placeholder((batch, heads, seq, seq), "int32", name="scores"),
+            te.placeholder((batch, seq), "int32", name="mask"))
+
+
+def softmax_kernel(name: str, sm: Softmax, batch: int, heads: int, seq: int) -> Kernel:
+    scores, mask = _inputs(batch, heads, seq)
+    out = _probs(scores, mask, sm, batch, heads, seq)
     return make_kernel(name, "rowwise", [scores, mask], out, Consts(name))
 
 
 def context_kernel(name: str, layer: Layer, batch: int, seq: int, hidden: int, heads: int,
-                   a_shift: int = U8_SHIFT) -> Kernel:
+                   a_shift: int = U8_SHIFT, fused_softmax: bool = False) -> Kernel:
+    """P V per head, requantized to int8. P is an input (u8 probabilities), or with `fused_softmax`
+    computed here from the scores and the mask, a row tile at a time as the GEMM's activation: the
+    probabilities never leave the cache."""
     d = hidden // heads
     consts = Consts(name)
-    probs = te.placeholder((batch, heads, seq, seq), "uint8", name="probs")
+    if fused_softmax:
+        scores, mask = _inputs(batch, heads, seq)
+        inputs = [scores, mask]
+        probs = _probs(scores, mask, layer.softmax, batch, heads, seq)
+    else:
+        probs = te.placeholder((batch, heads, seq, seq), "uint8", name="probs")
+        inputs = [probs]
     qkv = te.placeholder((batch * seq, 3 * hidden), "int8", name="qkv")
     # u8 probabilities enter the GEMM as p - 128 (int8), which its A stage shifts by a_shift: with
     # 128 (x86) that is p itself; with 0 the missing 128 * sum_keys V comes back per column.
@@ -134,4 +154,4 @@ def context_kernel(name: str, layer: Layer, batch: int, seq: int, hidden: int, h
         lambda acc, b, h, i, n: requant(acc + missing * vsum[b, h, n] if vsum is not None else acc, layer.ctx_out, consts),
         "int8", a_shift,
     )
-    return make_kernel(name, "gemm", [probs, qkv], out, consts)
+    return make_kernel(name, "gemm", [*inputs, qkv], out, consts)

@@ -160,6 +160,10 @@ def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, intrin: str | None, t
             parallel_vector(sch, blk)
         else:
             sch.compute_at(blk, at, preserve_unit_loops=False)
+    # a row-wise producer of the activation (attention's softmax) runs row tile by row tile with it
+    rowwise = _row_stages(sch, parts.others)
+    for blk in reversed(rowwise):
+        sch.compute_at(blk, oi0, preserve_unit_loops=False)
     sch.parallel(par)
     if amx:  # the whole block's reduction is one intrinsic call; its accumulator starts at 0 in memory
         init = sch.decompose_reduction(c, rows)
@@ -183,6 +187,7 @@ def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, intrin: str | None, t
     for blk, at in staged:
         if at is not None:
             _vectorize_inner(sch, blk)
+    _vectorize_rows(sch, rowwise)
     return True
 
 
@@ -208,17 +213,53 @@ def parallel_vector(sch: s_tir.Schedule, blk) -> None:
         sch.parallel(sch.fuse(*loops[:lead]) if lead > 1 else loops[0])
 
 
-def _rowwise(sch: s_tir.Schedule) -> bool:
-    """Row-wise kernels (LayerNorm, softmax, embeddings): every stage computed row by row under
-    the output's parallel row loop, so a row's statistics and values stay in L1. Row reductions
-    are split into 16 vector lanes of partial results (rfactor) and a 16-element final step."""
-    for blk in sch.get_child_blocks(sch.get_sblock("root"))[:-1]:
+def _row_stages(sch: s_tir.Schedule, blocks) -> list:
+    """The stages of a row-wise computation, each row reduction split into 16 vector lanes of
+    partial results (rfactor; its block precedes the final 16-element step)."""
+    stages = []
+    for blk in blocks:
         kinds = [iv.iter_type for iv in sch.get(blk).iter_vars]
         last = sch.get_loops(blk)[-1]
         extent = int(sch.get(last).extent)
         if kinds[-1] == 2 and all(k == 0 for k in kinds[:-1]) and extent % LANES == 0 and extent > LANES:
-            sch.rfactor(sch.split(last, [None, LANES])[1], factor_axis=len(kinds) - 1)
+            stages.append(sch.rfactor(sch.split(last, [None, LANES])[1], factor_axis=len(kinds) - 1))
+        stages.append(blk)
+    return stages
+
+
+def _vectorize_rows(sch: s_tir.Schedule, stages: list) -> None:
+    """Row stages computed under their row loop: partial results over 16 lanes, the rest 16 at a time."""
+    for blk in stages:
+        if sch.get(blk).name_hint.endswith("_rf"):
+            lanes, steps = _lanes_and_steps(sch, blk)
+            sch.reorder(steps, lanes)
+            sch.vectorize(lanes)  # before decompose_reduction, which TVM requires
+            init = sch.decompose_reduction(blk, steps)
+            sch.vectorize(sch.get_loops(init)[-1])
+        else:
+            _vectorize_inner(sch, blk)
+
+
+def _lanes_and_steps(sch: s_tir.Schedule, rf) -> tuple:
+    """The loops of an rfactor block over its 16 partial results (the last axis it writes) and
+    over its reduction: compute_at orders a block's loops by its iteration variables, not by role."""
+    block, loops = sch.get(rf), sch.get_loops(rf)
+    values = sch.get(loops[-1]).body.iter_values  # the block's bindings, in iter_vars' order
+    lane = block.writes[0].region[-1].min
+
+    def loop_of(index: int):
+        return next(lp for lp in loops if sch.get(lp).loop_var.same_as(values[index]))
+
+    ivs = list(block.iter_vars)
+    return (loop_of(next(i for i, iv in enumerate(ivs) if iv.var.same_as(lane))),
+            loop_of(next(i for i, iv in enumerate(ivs) if iv.iter_type == 2)))
+
+
+def _rowwise(sch: s_tir.Schedule) -> bool:
+    """Row-wise kernels (LayerNorm, softmax, embeddings): every stage computed row by row under
+    the output's parallel row loop, so a row's statistics and values stay in L1 (`_row_stages`)."""
     *stages, out = sch.get_child_blocks(sch.get_sblock("root"))
+    stages = _row_stages(sch, stages)
     loops = sch.get_loops(out)
     if len(loops) < 2:
         return False
@@ -229,15 +270,7 @@ def _rowwise(sch: s_tir.Schedule) -> bool:
     except s_tir.ScheduleError:
         return False
     sch.parallel(row)
-    for blk in [*stages, out]:
-        if sch.get(blk).name_hint.endswith("_rf"):
-            lanes, steps = sch.get_loops(blk)[1:]
-            sch.reorder(steps, lanes)
-            sch.vectorize(lanes)  # before decompose_reduction, which TVM requires
-            init = sch.decompose_reduction(blk, steps)
-            sch.vectorize(sch.get_loops(init)[-1])
-        else:
-            _vectorize_inner(sch, blk)
+    _vectorize_rows(sch, [*stages, out])
     return True
 
 
