@@ -136,7 +136,7 @@ def _compile_into(stage: artifact.Staging, preset: targets.Preset, program: IntP
     seq_lens = sorted({*opt.buckets, opt.seq_len})
     choices = opt.choices_for(program)
     batches = sorted(set(opt.batches))
-    graph = build_graphs(program, batches, seq_lens, preset.a_shift, choices, preset.device_kind.fused_softmax)
+    graph = build_graphs(program, batches, seq_lens, preset.a_shift, choices, preset.device_kind.fused_attention)
     if opt.tune_seconds and preset.name == "host" and preset.device_kind.tunable:
         # the library runs on this CPU: measure its tiles here rather than guess them. A failed
         # measurement costs speed, not the artifact: compile goes on with what was recorded.
@@ -193,5 +193,5 @@ def tune_model(opt: CompileOptions, trials: int | None = None, tracker: str | No
     model, _ = load_calibrated(opt)
     program = convert(model)
     graph = build_graphs(program, list(opt.batches), [opt.seq_len], preset.a_shift, opt.choices_for(program),
-                         preset.device_kind.fused_softmax)
+                         preset.device_kind.fused_attention)
     return tune_graph(graph, preset, trials, tracker, key, opt.records, opt.progress)

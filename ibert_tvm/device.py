@@ -33,8 +33,8 @@ class Device:
     tunable: bool  # whether `ibert-tvm tune` measures its GEMM tiles (schedules.tuning)
     # how the GEMMs take activations (relay_ops.gemm): shifted to u8 by 128, or s8 as they are (0)
     a_shift: Callable[[Preset], int]
-    # attention's i-softmax computed inside its context GEMM, row tile by row tile (graph.build_graph)
-    fused_softmax: bool
+    # attention's scores, softmax and context as one kernel, row tile by row tile (graph.build_graph)
+    fused_attention: bool
     # the TVM target, code for `threads` threads where the device has a thread pool (None: every CPU)
     tvm_target: Callable[[Preset, int | None], tvm.target.Target]
     # the hand schedule of each integer kernel (`ibert.kind`), with the tuning records in the folder

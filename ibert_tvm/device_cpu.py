@@ -57,5 +57,5 @@ def _runtime_device(target: Target) -> tvm.runtime.Device:
     return runtime.cpu()
 
 
-CPU = Device("cpu", tunable=True, a_shift=_a_shift, fused_softmax=True, tvm_target=_tvm_target,
+CPU = Device("cpu", tunable=True, a_shift=_a_shift, fused_attention=True, tvm_target=_tvm_target,
              scheduler=_scheduler, compile=tvm_compile, export=_export, runtime_device=_runtime_device)

@@ -287,6 +287,6 @@ def _runtime_device(target: Target) -> tvm.runtime.Device:
 
 
 # dp4a takes s8 x s8: activations unshifted
-# its softmax keeps a kernel of its own: the MMA schedule of the context product has no row-wise stages
-CUDA = Device("cuda", tunable=False, a_shift=lambda preset: 0, fused_softmax=False, tvm_target=_tvm_target,
+# attention stays three kernels: the MMA schedules take one product and no row-wise stages
+CUDA = Device("cuda", tunable=False, a_shift=lambda preset: 0, fused_attention=False, tvm_target=_tvm_target,
               scheduler=_scheduler, compile=_compile, export=_export, runtime_device=_runtime_device)

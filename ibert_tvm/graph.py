@@ -16,7 +16,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ibert_tvm.relay_ops.attention import context_kernel, scores_kernel, softmax_kernel
+from ibert_tvm.relay_ops.attention import attention_kernel, context_kernel, scores_kernel, softmax_kernel
 from ibert_tvm.relay_ops.common import Kernel
 from ibert_tvm.relay_ops.embedding import embedding_kernel
 from ibert_tvm.relay_ops.gemm import U8_SHIFT
@@ -96,13 +96,13 @@ class Encoded:
 
 
 def build_graphs(p: IntProgram, batches: list[int], seqs: list[int], a_shift: int = U8_SHIFT,
-                 choices: int = 1, fused_softmax: bool = False) -> Graph:
+                 choices: int = 1, fused_attention: bool = False) -> Graph:
     """One module with a function per compiled (batch, length) bucket (`function_name`), their
     kernels named by `names.bucket_symbol`, all taking the same parameters: weights stored once."""
     module, params = tvm.IRModule(), None
     for batch in sorted(set(batches)):
         for seq in sorted(set(seqs)):
-            g = build_graph(p, batch, seq, a_shift, function_name(batch, seq), True, choices, fused_softmax)
+            g = build_graph(p, batch, seq, a_shift, function_name(batch, seq), True, choices, fused_attention)
             if params is not None and [n for n, _ in g.params] != [n for n, _ in params]:
                 raise AssertionError("buckets disagree on their parameters")
             params = g.params
@@ -111,9 +111,9 @@ def build_graphs(p: IntProgram, batches: list[int], seqs: list[int], a_shift: in
 
 
 def build_graph(p: IntProgram, batch: int, seq: int, a_shift: int = U8_SHIFT, name: str = "main",
-                bucketed: bool = False, choices: int = 1, fused_softmax: bool = False) -> Graph:
-    """`a_shift`: how the target's GEMMs take activations (relay_ops.gemm); `fused_softmax`: the
-    i-softmax inside the context kernel rather than a kernel of its own. Outputs never change.
+                bucketed: bool = False, choices: int = 1, fused_attention: bool = False) -> Graph:
+    """`a_shift`: how the target's GEMMs take activations (relay_ops.gemm); `fused_attention`:
+    scores, softmax and context as one kernel rather than three. Outputs never change.
     Multiple choice takes [batch, choices, seq] inputs and runs the encoder on batch * choices rows."""
     if seq > p.max_positions - p.pad_id - 1:
         raise ValueError(f"seq_len {seq} exceeds the model's {p.max_positions - p.pad_id - 1} positions")
@@ -136,10 +136,10 @@ def build_graph(p: IntProgram, batch: int, seq: int, a_shift: int = U8_SHIFT, na
             for i, L in enumerate(p.layers):
                 n = partial(layer_kernel, i)
                 qkv = em.call(linear(n("qkv"), L.qkv, rows, requant_epilogue([L.qkv_out]), "int8"), x)
-                scores = em.call(scores_kernel(n("scores"), flat, seq, h, heads, a_shift), qkv)
-                if fused_softmax:
-                    ctx = em.call(context_kernel(n("context"), L, flat, seq, h, heads, a_shift, True), scores, mask, qkv)
+                if fused_attention:
+                    ctx = em.call(attention_kernel(n("attention"), L, flat, seq, h, heads, a_shift), qkv, mask)
                 else:
+                    scores = em.call(scores_kernel(n("scores"), flat, seq, h, heads, a_shift), qkv)
                     probs = em.call(softmax_kernel(n("softmax"), L.softmax, flat, heads, seq), scores, mask)
                     ctx = em.call(context_kernel(n("context"), L, flat, seq, h, heads, a_shift), probs, qkv)
                 attn = em.call(

@@ -1,9 +1,8 @@
-"""Multi-head attention on the stacked int8 QKV activations [B*S, 3H]: three kernels, or two.
+"""Multi-head attention on the stacked int8 QKV activations [B*S, 3H]: three kernels, or one.
 
 scores = Q K^T (int8 x int8 -> int32), i-softmax with integer masking (u8 probabilities at scale
-1/256), context = P V requantized to int8 and laid out [B, heads, S, d] for the next GEMM. The
-context kernel may compute the softmax itself (`fused_softmax`), as the stages that produce its
-GEMM's activation.
+1/256), context = P V requantized to int8 and laid out [B, heads, S, d] for the next GEMM; or all
+three in one kernel (`attention_kernel`).
 """
 
 from __future__ import annotations
@@ -13,11 +12,11 @@ from tvm import te, tirx
 from ibert_tvm.program import EXP_CONST, Layer, Requant, Softmax
 
 from .common import I64, Consts, Kernel, c64, iexp, make_kernel, requant
-from .gemm import GROUP, LANES, U8_SHIFT, Part, int8_matmul, packable
+from .gemm import FIRST_PART_KEY, GROUP, LANES, PART_KEY, U8_SHIFT, Part, int8_matmul, packable
 
 
 def _operand(qkv: te.Tensor, batch: int, seq: int, hidden: int, heads: int, which: int, transpose: bool,
-             with_sums: bool) -> tuple[te.Tensor, bool, te.Tensor | None]:
+             with_sums: bool, part_key: str = PART_KEY) -> tuple[te.Tensor, bool, te.Tensor | None]:
     """One head operand as the GEMM's B: K as [S keys, d] or V^T as [d, S], packed if it fits,
     plus, if asked, its sums over the reduced axis (block "ksum") for the shift's compensation.
     Both are marked with their GEMM role (`Part`), by which the schedules find them.
@@ -35,27 +34,32 @@ def _operand(qkv: te.Tensor, batch: int, seq: int, hidden: int, heads: int, whic
     if with_sums:
         r = te.reduce_axis((0, k), name="r")
         sums = te.compute((batch, heads, n), lambda b, h, j: te.sum(at(b, h, j, r).astype("int32"), axis=r),
-                          name="ksum", attrs=Part.WEIGHT_SUMS.attrs)
+                          name="ksum", attrs=Part.WEIGHT_SUMS.marked(part_key))
     if packable(n, k):
         shape = (batch, heads, n // LANES, k // GROUP, LANES, GROUP)
         b_pack = te.compute(shape, lambda b, h, n0, k0, n1, k1: at(b, h, n0 * LANES + n1, k0 * GROUP + k1),
-                            name="B_pack", attrs=Part.WEIGHT.attrs)
+                            name="B_pack", attrs=Part.WEIGHT.marked(part_key))
         return b_pack, True, sums
-    return te.compute((batch, heads, n, k), at, name="B_pack", attrs=Part.WEIGHT.attrs), False, sums
+    return te.compute((batch, heads, n, k), at, name="B_pack", attrs=Part.WEIGHT.marked(part_key)), False, sums
 
 
-def scores_kernel(name: str, batch: int, seq: int, hidden: int, heads: int, a_shift: int = U8_SHIFT) -> Kernel:
+def _scores(qkv: te.Tensor, batch: int, seq: int, hidden: int, heads: int, a_shift: int,
+            part_key: str = PART_KEY) -> te.Tensor:
+    """Q K^T per head, int32 [batch, heads, seq, keys]."""
     d = hidden // heads
-    qkv = te.placeholder((batch * seq, 3 * hidden), "int8", name="qkv")
-    kb, packed, ksum = _operand(qkv, batch, seq, hidden, heads, 1, False, a_shift != 0)
-    out = int8_matmul(
+    kb, packed, ksum = _operand(qkv, batch, seq, hidden, heads, 1, False, a_shift != 0, part_key)
+    return int8_matmul(
         (batch, heads), seq, seq, d,
         lambda b, h, i, kk: qkv[b * seq + i, h * d + kk],
         kb, packed,
         lambda acc, b, h, i, j: acc - a_shift * ksum[b, h, j] if ksum is not None else acc,
-        "int32", a_shift,
+        "int32", a_shift, part_key,
     )
-    return make_kernel(name, "gemm", [qkv], out, Consts(name))
+
+
+def scores_kernel(name: str, batch: int, seq: int, hidden: int, heads: int, a_shift: int = U8_SHIFT) -> Kernel:
+    qkv = te.placeholder((batch * seq, 3 * hidden), "int8", name="qkv")
+    return make_kernel(name, "gemm", [qkv], _scores(qkv, batch, seq, hidden, heads, a_shift), Consts(name))
 
 
 def _fits_int16(rq: Requant) -> bool:
@@ -117,41 +121,46 @@ def _probs(scores: te.Tensor, mask: te.Tensor, sm: Softmax, batch: int, heads: i
     return te.compute((batch, heads, seq, seq), prob, name="probs")
 
 
-def _inputs(batch: int, heads: int, seq: int) -> tuple[te.Tensor, te.Tensor]:
-    return (te.placeholder((batch, heads, seq, seq), "int32", name="scores"),
-            te.placeholder((batch, seq), "int32", name="mask"))
-
-
 def softmax_kernel(name: str, sm: Softmax, batch: int, heads: int, seq: int) -> Kernel:
-    scores, mask = _inputs(batch, heads, seq)
-    out = _probs(scores, mask, sm, batch, heads, seq)
-    return make_kernel(name, "rowwise", [scores, mask], out, Consts(name))
+    scores = te.placeholder((batch, heads, seq, seq), "int32", name="scores")
+    mask = te.placeholder((batch, seq), "int32", name="mask")
+    return make_kernel(name, "rowwise", [scores, mask], _probs(scores, mask, sm, batch, heads, seq), Consts(name))
 
 
-def context_kernel(name: str, layer: Layer, batch: int, seq: int, hidden: int, heads: int,
-                   a_shift: int = U8_SHIFT, fused_softmax: bool = False) -> Kernel:
-    """P V per head, requantized to int8. P is an input (u8 probabilities), or with `fused_softmax`
-    computed here from the scores and the mask, a row tile at a time as the GEMM's activation: the
-    probabilities never leave the cache."""
+def _context(probs: te.Tensor, qkv: te.Tensor, layer: Layer, batch: int, seq: int, hidden: int, heads: int,
+             a_shift: int, consts: Consts) -> te.Tensor:
+    """P V per head, requantized to int8 [batch, heads, seq, d]."""
     d = hidden // heads
-    consts = Consts(name)
-    if fused_softmax:
-        scores, mask = _inputs(batch, heads, seq)
-        inputs = [scores, mask]
-        probs = _probs(scores, mask, layer.softmax, batch, heads, seq)
-    else:
-        probs = te.placeholder((batch, heads, seq, seq), "uint8", name="probs")
-        inputs = [probs]
-    qkv = te.placeholder((batch * seq, 3 * hidden), "int8", name="qkv")
     # u8 probabilities enter the GEMM as p - 128 (int8), which its A stage shifts by a_shift: with
     # 128 (x86) that is p itself; with 0 the missing 128 * sum_keys V comes back per column.
     missing = U8_SHIFT - a_shift
     vb, packed, vsum = _operand(qkv, batch, seq, hidden, heads, 2, True, missing != 0)
-    out = int8_matmul(
+    return int8_matmul(
         (batch, heads), seq, d, seq,
         lambda b, h, i, kk: (probs[b, h, i, kk].astype("int32") - 128),
         vb, packed,
         lambda acc, b, h, i, n: requant(acc + missing * vsum[b, h, n] if vsum is not None else acc, layer.ctx_out, consts),
         "int8", a_shift,
     )
-    return make_kernel(name, "gemm", [*inputs, qkv], out, consts)
+
+
+def context_kernel(name: str, layer: Layer, batch: int, seq: int, hidden: int, heads: int,
+                   a_shift: int = U8_SHIFT) -> Kernel:
+    consts = Consts(name)
+    probs = te.placeholder((batch, heads, seq, seq), "uint8", name="probs")
+    qkv = te.placeholder((batch * seq, 3 * hidden), "int8", name="qkv")
+    out = _context(probs, qkv, layer, batch, seq, hidden, heads, a_shift, consts)
+    return make_kernel(name, "gemm", [probs, qkv], out, consts)
+
+
+def attention_kernel(name: str, layer: Layer, batch: int, seq: int, hidden: int, heads: int,
+                     a_shift: int = U8_SHIFT) -> Kernel:
+    """The three in one kernel: Q K^T (its stages marked FIRST_PART_KEY), i-softmax and P V, a
+    row tile of queries at a time; scores and probabilities never leave the cache."""
+    consts = Consts(name)
+    qkv = te.placeholder((batch * seq, 3 * hidden), "int8", name="qkv")
+    mask = te.placeholder((batch, seq), "int32", name="mask")
+    scores = _scores(qkv, batch, seq, hidden, heads, a_shift, FIRST_PART_KEY)
+    probs = _probs(scores, mask, layer.softmax, batch, heads, seq)
+    out = _context(probs, qkv, layer, batch, seq, hidden, heads, a_shift, consts)
+    return make_kernel(name, "gemm", [qkv, mask], out, consts)

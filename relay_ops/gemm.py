@@ -32,6 +32,9 @@ U8_SHIFT = 128  # x86's a_shift
 Expr = tvm.ir.expr.Expr
 
 PART_KEY = "ibert.gemm_part"
+# the same roles for the first of two GEMMs in one kernel (fused attention: Q K^T, whose softmax is
+# the second's activation)
+FIRST_PART_KEY = "ibert.first_gemm_part"
 # kernel attribute: its B (a constant weight) never holds -128, which some ISAs' exact products need
 B_ABOVE_INT8_MIN = "ibert.b_above_int8_min"
 
@@ -49,7 +52,11 @@ class Part(StrEnum):
     def attrs(self) -> dict[str, str]:
         """`te.compute(..., attrs=)` that mark a stage with this role (create_prim_func turns
         them into the block's annotations)."""
-        return {PART_KEY: self.value}
+        return self.marked(PART_KEY)
+
+    def marked(self, key: str) -> dict[str, str]:
+        """`attrs` under `key`: PART_KEY, or FIRST_PART_KEY for a kernel's first GEMM."""
+        return {key: self.value}
 
 
 def packable(n: int, k: int) -> bool:
@@ -92,6 +99,7 @@ def int8_matmul(
     epilogue: Callable[..., Expr],
     out_dtype: str,
     a_shift: int,
+    part_key: str = PART_KEY,
 ) -> te.Tensor:
     """O[*batch, m, n] = epilogue(sum_k (A + a_shift)[.., m, k] * B[.., n, k], *batch, m, n).
 
@@ -100,14 +108,14 @@ def int8_matmul(
     """
     dtype = "uint8" if a_shift else "int8"
     a = te.compute((*batch, m, k), lambda *i: (a_int8(*i).astype("int32") + a_shift).astype(dtype), name="A",
-                   attrs=Part.ACTIVATION.attrs)
+                   attrs=Part.ACTIVATION.marked(part_key))
     rk = te.reduce_axis((0, k), name="k")
     read_b = b_reader(b, packed)
     acc = te.compute(
         (*batch, m, n),
         lambda *i: te.sum(a[(*i[:-1], rk)].astype("int32") * read_b(*i[:-2], i[-1], rk), axis=rk),
         name="C",
-        attrs=Part.ACCUMULATOR.attrs,
+        attrs=Part.ACCUMULATOR.marked(part_key),
     )
     return te.compute((*batch, m, n), lambda *i: epilogue(acc[i], *i).astype(out_dtype), name="O",
-                      attrs=Part.EPILOGUE.attrs)
+                      attrs=Part.EPILOGUE.marked(part_key))

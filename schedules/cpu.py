@@ -19,7 +19,7 @@ from itertools import takewhile
 
 from tvm import s_tir, tirx
 
-from ibert_tvm.relay_ops.gemm import B_ABOVE_INT8_MIN, GROUP, LANES, U8_SHIFT, packable
+from ibert_tvm.relay_ops.gemm import B_ABOVE_INT8_MIN, FIRST_PART_KEY, GROUP, LANES, U8_SHIFT, packable
 
 from .intrin import AMX_K, AMX_M, AMX_N, AVX2_INTRIN, AVX2_SIGN_INTRIN, SDOT_INTRIN, VNNI_INTRIN, amx_intrin
 from .parts import GemmParts, gemm_parts
@@ -160,28 +160,24 @@ def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, intrin: str | None, t
             parallel_vector(sch, blk)
         else:
             sch.compute_at(blk, at, preserve_unit_loops=False)
-    # a row-wise producer of the activation (attention's softmax) runs row tile by row tile with it
-    rowwise = _row_stages(sch, parts.others)
+    # Fused attention: the activation is the softmax of a first GEMM (Q K^T), all of it computed
+    # row tile by row tile with the activation; the first GEMM's operands per head, like ours.
+    first = gemm_parts(sch, FIRST_PART_KEY)
+    if first is not None and not packable(*_extents(sch, first.accumulator)[-2:]):
+        return False
+    rowwise = _row_stages(sch, [b for b in parts.others if FIRST_PART_KEY not in sch.get(b).annotations])
     for blk in reversed(rowwise):
         sch.compute_at(blk, oi0, preserve_unit_loops=False)
-    sch.parallel(par)
+    first_tile = _first_gemm(sch, first, par, oi0, isa) if first is not None else None
+    sch.parallel(par)  # before any tensorize: a tensorized reduction is no longer one TVM can check
+    if first_tile is not None:
+        _register_tile(sch, *first_tile, intrin)
     if amx:  # the whole block's reduction is one intrinsic call; its accumulator starts at 0 in memory
         init = sch.decompose_reduction(c, rows)
         sch.tensorize(rows, amx_intrin(k, nb * LANES))
+        sch.vectorize(sch.get_loops(init)[-1])
     else:
-        a10, a11 = sch.split(a1, [nb, LANES])
-        k0, k1 = sch.split(a2, [None, GROUP])
-        sch.reorder(*[l for l in (k0, rows, a10, a11, k1) if l is not None])
-        if intrin is None:  # LLVM vectorizes the 16 lanes; must precede decompose_reduction
-            sch.reorder(k1, a11)
-            sch.vectorize(a11)
-        init = sch.decompose_reduction(c, k0)
-        if intrin is not None:
-            sch.tensorize(a11, intrin)
-        for loop in (rows, a10):
-            if loop is not None:
-                sch.unroll(loop)
-    sch.vectorize(sch.get_loops(init)[-1])
+        _register_tile(sch, c, rows, a1, a2, nb, intrin)
     # the epilogue 16 columns at a time: wider int64 vectors than that spill registers
     sch.vectorize(sch.split(oj1, [None, LANES])[1] if nb > 1 else oj1)
     for blk, at in staged:
@@ -191,12 +187,63 @@ def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, intrin: str | None, t
     return True
 
 
+def _below(sch: s_tir.Schedule, blk, loop) -> list:
+    """The loops of a block inside `loop`."""
+    loops = sch.get_loops(blk)
+    at = next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(loop)))
+    return loops[at + 1 :]
+
+
+def _register_tile(sch: s_tir.Schedule, c, rows, a1, a2, nb: int, intrin: str | None) -> None:
+    """An accumulator computed under its tile loop (rows x nb*16 columns, reduction a2) as a
+    register tile: the reduction outermost, the 16x4 inner product the ISA's intrinsic."""
+    a10, a11 = sch.split(a1, [nb, LANES])
+    k0, k1 = sch.split(a2, [None, GROUP])
+    sch.reorder(*[l for l in (k0, rows, a10, a11, k1) if l is not None])
+    if intrin is None:  # LLVM vectorizes the 16 lanes; must precede decompose_reduction
+        sch.reorder(k1, a11)
+        sch.vectorize(a11)
+    init = sch.decompose_reduction(c, k0)
+    if intrin is not None:
+        sch.tensorize(a11, intrin)
+    for loop in (rows, a10):
+        if loop is not None:
+            sch.unroll(loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _first_gemm(sch: s_tir.Schedule, first: GemmParts, par, row_tile, isa: Isa) -> tuple:
+    """The first GEMM of a fused kernel under the second's row tile: its epilogue (the scores of
+    the tile's rows, all keys) in register tiles, each computed where it is stored. Returns the
+    `_register_tile` arguments of its accumulator, bar the intrinsic."""
+    out, c = first.epilogue, first.accumulator
+    sch.compute_at(out, row_tile, preserve_unit_loops=False)
+    *i, j = _below(sch, out, row_tile)  # no row loop when the tile has one row
+    m, n = (int(sch.get(i[0]).extent) if i else 1), int(sch.get(j).extent)
+    r, nb = default_tiles(m, n, isa)
+    j0, j1 = sch.split(j, [None, nb * LANES])
+    if i:
+        i0, i1 = sch.split(i[0], [None, r])
+        sch.reorder(i0, j0, i1, j1)
+    sch.compute_at(c, j0)
+    sch.set_scope(c, 0, "local")
+    own = _below(sch, c, j0)
+    rows, a1, a2 = ([None] if len(own) == 2 else own[:1]) + own[-2:]
+    for blk, at in ((first.weight, par), (first.weight_sums, par), (first.activation, row_tile)):
+        if blk is not None:
+            sch.compute_at(blk, at, preserve_unit_loops=False)
+            _vectorize_inner(sch, blk)
+    sch.vectorize(sch.split(j1, [None, LANES])[1] if nb > 1 else j1)
+    return c, rows, a1, a2, nb
+
+
 def _vectorize_inner(sch: s_tir.Schedule, blk) -> None:
-    """A fully spatial block's innermost loop in 16 lanes, when it divides (never its only loop,
-    which is the parallel one)."""
+    """A fully spatial block's innermost loop in 16 lanes, when it divides and is the block's own
+    (never its only loop, the parallel one, nor a tile loop it shares with other stages)."""
     loops = sch.get_loops(blk)
     spatial = all(iv.iter_type == 0 for iv in sch.get(blk).iter_vars)
-    if len(loops) > 1 and spatial and int(sch.get(loops[-1]).extent) % LANES == 0:
+    own = isinstance(sch.get(loops[-1]).body, s_tir.SBlockRealize) if loops else False
+    if len(loops) > 1 and own and spatial and int(sch.get(loops[-1]).extent) % LANES == 0:
         sch.vectorize(sch.split(loops[-1], [None, LANES])[1])
 
 

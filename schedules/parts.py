@@ -26,16 +26,17 @@ class GemmParts:
     others: tuple[SBlockRV, ...]  # any block of the kernel that plays no GEMM role
 
 
-def _part_of(sch: s_tir.Schedule, block: SBlockRV) -> Part | None:
-    role = sch.get(block).annotations.get(PART_KEY)
+def _part_of(sch: s_tir.Schedule, block: SBlockRV, key: str) -> Part | None:
+    role = sch.get(block).annotations.get(key)
     return None if role is None else Part(str(role))
 
 
-def gemm_parts(sch: s_tir.Schedule) -> GemmParts | None:
-    """The parts of the kernel being scheduled, or None if it is no GEMM (has no accumulator)."""
+def gemm_parts(sch: s_tir.Schedule, key: str = PART_KEY) -> GemmParts | None:
+    """The parts of the kernel being scheduled, or None if it is no GEMM (has no accumulator);
+    with FIRST_PART_KEY, those of a kernel's first GEMM (whose blocks are `others` to the second)."""
     found: dict[Part | None, list[SBlockRV]] = {}
     for block in sch.get_child_blocks(sch.get_sblock("root")):
-        found.setdefault(_part_of(sch, block), []).append(block)
+        found.setdefault(_part_of(sch, block, key), []).append(block)
     if Part.ACCUMULATOR not in found:
         return None
     repeated = [role for role, blocks in found.items() if role is not None and len(blocks) > 1]

@@ -35,7 +35,7 @@ def executable(kind: str, shape: str, preset: str, a_shift: int | None = None):
     spec, batch, seq = SHAPES[shape]
     p = targets.get(preset)
     graph = build_graph(calibrated(kind, spec)[1], batch, seq, p.a_shift if a_shift is None else a_shift,
-                        choices=choices(kind), fused_softmax=p.device_kind.fused_softmax)
+                        choices=choices(kind), fused_attention=p.device_kind.fused_attention)
     return compile_graph(graph, p), graph.params
 
 

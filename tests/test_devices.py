@@ -26,11 +26,11 @@ SOURCES = [p for d in ("ibert_tvm", "relay_ops", "schedules", "scripts") for p i
 
 
 def test_every_preset_device_provides_the_interface():
-    assert {f.name for f in dataclasses.fields(Device)} == {"name", "tunable", "fused_softmax", *ARITY}
+    assert {f.name for f in dataclasses.fields(Device)} == {"name", "tunable", "fused_attention", *ARITY}
     for p in [targets.host_preset(), *targets.PRESETS.values()]:
         d = p.device_kind
         assert isinstance(d, Device) and isinstance(d.name, str), p.name
-        assert isinstance(d.tunable, bool) and isinstance(d.fused_softmax, bool), p.name
+        assert isinstance(d.tunable, bool) and isinstance(d.fused_attention, bool), p.name
         for member, n in ARITY.items():
             inspect.signature(getattr(d, member)).bind(*[None] * n)  # TypeError if it takes other arguments
         assert targets.DEVICE_KINDS[p.device] is d, p.name

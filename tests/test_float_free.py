@@ -139,7 +139,7 @@ def test_module_is_float_free(program, graph, stage):
     else:
         preset = targets.get(stage)
         mod = schedule_module(build_graph(program, 2, 16, preset.a_shift, choices=choices(program),
-                                          fused_softmax=preset.device_kind.fused_softmax).module, preset)
+                                          fused_attention=preset.device_kind.fused_attention).module, preset)
     prim_funcs = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc)]
     assert len(prim_funcs) >= 8
     found, kinds = float_nodes(mod)

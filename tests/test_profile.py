@@ -13,8 +13,8 @@ from ibert_tvm.evaluation import profile as prof
 from ibert_tvm.manifest import Bucket
 from ibert_tvm.names import kernel_kind
 
-# the session artifacts are CPU libraries: their softmax runs inside the context kernel
-LAYER_ROLES = {"qkv", "scores", "context", "attn_out", "attn_ln", "inter", "ffn_out", "ffn_ln"}
+# the session artifacts are CPU libraries: scores, softmax and context are one attention kernel
+LAYER_ROLES = {"qkv", "attention", "attn_out", "attn_ln", "inter", "ffn_out", "ffn_ln"}
 HEAD_ROLES = {"IBertModel": {"pooler"}, "IBertForSequenceClassification": {"cls_dense", "cls_out"}}
 BATCH, SEQ = 2, 16  # the session artifacts' one bucket
 
@@ -49,20 +49,27 @@ def test_times_are_positive_and_within_the_forward(profiles, kind):
 
 def test_gemm_shapes_follow_the_model(profiles, artifacts):
     program = artifacts["IBertModel"].program
-    h, heads, rows = program.hidden, program.heads, BATCH * SEQ
+    h, rows = program.hidden, BATCH * SEQ
     inter = program.layers[0].inter.weight.shape[0]
     gemms = {r.name: r.gemm for r in profiles["IBertModel"].roles}
     assert gemms["qkv"] == prof.Gemm(1, rows, h, 3 * h)
-    assert gemms["scores"] == prof.Gemm(BATCH * heads, SEQ, h // heads, SEQ)
-    assert gemms["context"] == prof.Gemm(BATCH * heads, SEQ, SEQ, h // heads)
     assert gemms["attn_out"] == prof.Gemm(1, rows, h, h)
     assert gemms["inter"] == prof.Gemm(1, rows, h, inter)
     assert gemms["ffn_out"] == prof.Gemm(1, rows, inter, h)
     assert gemms["pooler"] == prof.Gemm(1, BATCH, h, h)  # the first token of each sequence
-    assert all(gemms[r] is None for r in ("embed", "embed_ln", "attn_ln", "ffn_ln"))
+    assert all(gemms[r] is None for r in ("embed", "embed_ln", "attention", "attn_ln", "ffn_ln"))
     cls = {r.name: r.gemm for r in profiles["IBertForSequenceClassification"].roles}
     labels = artifacts["IBertForSequenceClassification"].program.classifier.out_proj.weight.shape[0]
     assert cls["cls_out"] == prof.Gemm(1, BATCH, h, labels)
+
+
+def test_attention_products_of_the_three_kernel_form():
+    """CUDA libraries keep scores and context as kernels of their own: their products per head."""
+    flat, heads, seq, d = 2, 4, 16, 8
+    qkv = (flat * seq, 3 * heads * d)
+    assert prof.gemm_of("scores", "s", [qkv, (flat, heads, seq, seq)], {}) == prof.Gemm(flat * heads, seq, d, seq)
+    probs = (flat, heads, seq, seq)
+    assert prof.gemm_of("context", "c", [probs, qkv, (flat, heads, seq, d)], {}) == prof.Gemm(flat * heads, seq, seq, d)
 
 
 def test_floor_is_measured_for_gemms_only(profiles):
@@ -83,8 +90,8 @@ def test_table_has_the_columns_and_the_setting(profiles):
     assert "| role | calls | total ms | % of forward | GOP/s | fraction of floor |" in text
     assert p.cpu in text and f"{p.threads} threads" in text and f"batch x seq {BATCH}x{SEQ}" in text
     rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "---" not in line]
-    assert set(rows[1:]) == {prof.label(p, r.name) for r in p.roles} | {prof.OTHER}
-    assert "context (+softmax)" in rows and "inter (+GELU)" in rows
+    assert set(rows[1:]) == {prof.ABOUT.get(r.name, r.name) for r in p.roles} | {prof.OTHER}
+    assert "attention (QK^T, softmax, PV)" in rows and "inter (+GELU)" in rows
     other = next(line for line in text.splitlines() if line.startswith(f"| {prof.OTHER} "))
     assert float(other.split("|")[3]) == pytest.approx(p.forward_ms - p.kernels_ms, abs=1e-3)
 

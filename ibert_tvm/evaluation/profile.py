@@ -34,18 +34,13 @@ from .bench import SETTLE_S, WARMUP, bars, cpu_model, install_hint, int8_gemms, 
 # weight `{kernel}.0` [N, K] in any layout, int32 bias `{kernel}.1` [N]) and the rest
 LINEAR = ("qkv", "attn_out", "inter", "ffn_out", "pooler", "cls_dense", "cls_out", "lm_dense", "lm_decoder", "tok_out",
           "qa_start", "qa_end")
-ROLES = frozenset((*LINEAR, "embed", "embed_ln", "scores", "softmax", "context", "attn_ln", "ffn_ln", "lm_ln"))
-ABOUT = {"inter": "inter (+GELU)", "attn_out": "attn_out (+residual)", "ffn_out": "ffn_out (+residual)",
-         "pooler": "pooler (+tanh)", "cls_dense": "cls_dense (+tanh)", "lm_dense": "lm_dense (+GELU)"}
+ROLES = frozenset((*LINEAR, "embed", "embed_ln", "scores", "softmax", "context", "attention", "attn_ln", "ffn_ln",
+                   "lm_ln"))
+ABOUT = {"attention": "attention (QK^T, softmax, PV)", "inter": "inter (+GELU)", "attn_out": "attn_out (+residual)",
+         "ffn_out": "ffn_out (+residual)", "pooler": "pooler (+tanh)", "cls_dense": "cls_dense (+tanh)",
+         "lm_dense": "lm_dense (+GELU)"}
 OTHER = "other (runner, VM)"
 log = logging.getLogger(__name__)
-
-
-def label(p: "Profile", role: str) -> str:
-    """A role's name with what its kernels fuse; CPU libraries compute the softmax in the context kernel."""
-    if role == "context" and all(r.name != "softmax" for r in p.roles):
-        return "context (+softmax)"
-    return ABOUT.get(role, role)
 
 
 @dataclass(frozen=True)
@@ -235,7 +230,7 @@ def table(p: Profile) -> str:
              "| role | calls | total ms | % of forward | GOP/s | fraction of floor |",
              "|---|---|---|---|---|---|"]
     rest = p.forward_ms - p.kernels_ms
-    rows = [(label(p, r.name), str(r.calls), r.ms, r.gops, r.of_floor) for r in p.roles]
+    rows = [(ABOUT.get(r.name, r.name), str(r.calls), r.ms, r.gops, r.of_floor) for r in p.roles]
     rows.append((OTHER, "", rest, None, None))
     for name, calls, ms, gops, of_floor in sorted(rows, key=lambda row: -row[2]):
         lines.append(f"| {name} | {calls} | {ms:.3f} | {ms / p.forward_ms:.1%} | "
@@ -251,7 +246,7 @@ def plot(p: Profile, png: Path) -> None:
     the forward and, for GEMMs, GOP/s and fraction of the floor; titled with the CPU and bucket."""
     heading = (f"ibert-tvm profile on {p.cpu}\n{p.function}: batch x seq {p.batch}x{p.seq}, {p.threads} threads, "
                f"forward {p.forward_ms:.2f} ms")
-    names = [label(p, r.name) for r in p.roles]
+    names = [ABOUT.get(r.name, r.name) for r in p.roles]
     ms = [r.ms for r in p.roles]
     labels = [f"{r.ms:.2f} ms ({r.ms / p.forward_ms:.0%})" + (f", {r.gops:.0f} GOP/s" if r.gops else "")
               + (f", {r.of_floor:.0%} of floor" if r.of_floor else "") for r in p.roles]
