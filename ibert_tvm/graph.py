@@ -31,9 +31,10 @@ from ibert_tvm.relay_ops.linear import (
 )
 
 from .names import bucket_symbol, function_name, layer_kernel
-from .program import IntProgram, Linear
+from .program import INT22, IntProgram, Linear
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+RESIDUAL_BOUND = -INT22[0]  # the residual sums are clamped to 22 bits (`residual_epilogue`)
 
 
 @dataclass
@@ -150,7 +151,7 @@ def build_graph(p: IntProgram, batch: int, seq: int, a_shift: int = U8_SHIFT, na
                     ),
                     ctx, x,
                 )
-                hmid = em.call(layer_norm_kernel(n("attn_ln"), L.attn_ln, rows, h), attn)
+                hmid = em.call(layer_norm_kernel(n("attn_ln"), L.attn_ln, rows, h, RESIDUAL_BOUND), attn)
                 inter = em.call(linear(n("inter"), L.inter, rows, gelu_epilogue(L.gelu), "int8"), hmid)
                 res = em.call(
                     linear(
@@ -159,7 +160,7 @@ def build_graph(p: IntProgram, batch: int, seq: int, a_shift: int = U8_SHIFT, na
                     ),
                     inter, hmid,
                 )
-                x = em.call(layer_norm_kernel(n("ffn_ln"), L.out_ln, rows, h), res)
+                x = em.call(layer_norm_kernel(n("ffn_ln"), L.out_ln, rows, h, RESIDUAL_BOUND), res)
             hidden = em.reshape(x, (flat, seq, h))
             outs = p.cls.head_in("graph")(Encoded(em, p, linear, x, hidden, batch, choices, seq))
             result = bb.emit_output(relax.Tuple(outs))
