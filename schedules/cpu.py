@@ -10,6 +10,8 @@ The inner 16x4 product is an ISA's dot-product intrinsic (x86 `vpdpbusd`, ARM `s
 `vpmaddwd` pairs, or `vpmaddubsw` pairs where B never holds -128); without one (plain NEON) LLVM
 vectorizes the same tile with widening multiplies. With Intel AMX, a
 GEMM whose shape fits takes 32x32 blocks, each one call of the tile intrinsic over all of K.
+The fused attention kernel is one such GEMM (P V) whose activation has producers: the row-wise
+softmax stages and a first GEMM (Q K^T), all computed under its row tile (`_first_gemm`).
 """
 
 from __future__ import annotations
