@@ -137,15 +137,6 @@ class Gelu:
 
     ERF_SHIFT = 14  # HF's const: erf's square is shifted right 14 bits to stay small
 
-    @staticmethod
-    def erf_bound_of(b: np.ndarray, c: np.ndarray) -> int:
-        """Largest |erf value| (sign(x) ((min(|x|, -b) + b)**2 + c) >> ERF_SHIFT) over every x."""
-        return int(((b.astype(object) ** 2 + np.abs(c)) >> Gelu.ERF_SHIFT).max()) + 1
-
-    @property
-    def erf_bound(self) -> int:
-        return self.erf_bound_of(self.b, self.c)
-
 
 @dataclass
 class Tanh:

@@ -34,13 +34,13 @@ def _operand(qkv: te.Tensor, batch: int, seq: int, hidden: int, heads: int, whic
     if with_sums:
         r = te.reduce_axis((0, k), name="r")
         sums = te.compute((batch, heads, n), lambda b, h, j: te.sum(at(b, h, j, r).astype("int32"), axis=r),
-                          name="ksum", attrs=Part.WEIGHT_SUMS.marked(part_key))
+                          name="ksum", attrs=Part.WEIGHT_SUMS.attrs(part_key))
     if packable(n, k):
         shape = (batch, heads, n // LANES, k // GROUP, LANES, GROUP)
         b_pack = te.compute(shape, lambda b, h, n0, k0, n1, k1: at(b, h, n0 * LANES + n1, k0 * GROUP + k1),
-                            name="B_pack", attrs=Part.WEIGHT.marked(part_key))
+                            name="B_pack", attrs=Part.WEIGHT.attrs(part_key))
         return b_pack, True, sums
-    return te.compute((batch, heads, n, k), at, name="B_pack", attrs=Part.WEIGHT.marked(part_key)), False, sums
+    return te.compute((batch, heads, n, k), at, name="B_pack", attrs=Part.WEIGHT.attrs(part_key)), False, sums
 
 
 def _scores(qkv: te.Tensor, batch: int, seq: int, hidden: int, heads: int, a_shift: int,

@@ -48,14 +48,10 @@ class Part(StrEnum):
     ACCUMULATOR = "accumulator"
     EPILOGUE = "epilogue"
 
-    @property
-    def attrs(self) -> dict[str, str]:
-        """`te.compute(..., attrs=)` that mark a stage with this role (create_prim_func turns
-        them into the block's annotations)."""
-        return self.marked(PART_KEY)
-
-    def marked(self, key: str) -> dict[str, str]:
-        """`attrs` under `key`: PART_KEY, or FIRST_PART_KEY for a kernel's first GEMM."""
+    def attrs(self, key: str = PART_KEY) -> dict[str, str]:
+        """`te.compute(..., attrs=)` that mark a stage with this role under `key` (PART_KEY, or
+        FIRST_PART_KEY for a kernel's first GEMM); create_prim_func turns them into the block's
+        annotations."""
         return {key: self.value}
 
 
@@ -108,14 +104,14 @@ def int8_matmul(
     """
     dtype = "uint8" if a_shift else "int8"
     a = te.compute((*batch, m, k), lambda *i: (a_int8(*i).astype("int32") + a_shift).astype(dtype), name="A",
-                   attrs=Part.ACTIVATION.marked(part_key))
+                   attrs=Part.ACTIVATION.attrs(part_key))
     rk = te.reduce_axis((0, k), name="k")
     read_b = b_reader(b, packed)
     acc = te.compute(
         (*batch, m, n),
         lambda *i: te.sum(a[(*i[:-1], rk)].astype("int32") * read_b(*i[:-2], i[-1], rk), axis=rk),
         name="C",
-        attrs=Part.ACCUMULATOR.marked(part_key),
+        attrs=Part.ACCUMULATOR.attrs(part_key),
     )
     return te.compute((*batch, m, n), lambda *i: epilogue(acc[i], *i).astype(out_dtype), name="O",
-                      attrs=Part.EPILOGUE.marked(part_key))
+                      attrs=Part.EPILOGUE.attrs(part_key))
