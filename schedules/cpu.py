@@ -149,8 +149,7 @@ def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, intrin: str | None, t
     sch.reorder(outer, inner, oi1, oj1)
     sch.compute_at(c, inner)
     sch.set_scope(c, 0, "local")  # the accumulator shrinks to one register tile per iteration
-    own = sch.get_loops(c)[len(bl) + 2 :]  # a one-row tile has no row loop of its own
-    rows, a1, a2 = ([None] if len(own) == 2 else own[:1]) + own[-2:]
+    rows, a1, a2 = _tile_loops(sch, c, inner)
     # One parallel loop per kernel (each parallel region costs a barrier): over heads (attention)
     # or the outer tiles. Per-head operands (packed K/V, key sums) and each row tile's u8
     # activations are staged inside it, once, and reused by every column tile.
@@ -180,8 +179,7 @@ def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, intrin: str | None, t
         sch.vectorize(sch.get_loops(init)[-1])
     else:
         _register_tile(sch, c, rows, a1, a2, nb, intrin)
-    # the epilogue 16 columns at a time: wider int64 vectors than that spill registers
-    sch.vectorize(sch.split(oj1, [None, LANES])[1] if nb > 1 else oj1)
+    _vectorize_columns(sch, oj1, nb)
     for blk, at in staged:
         if at is not None:
             _vectorize_inner(sch, blk)
@@ -194,6 +192,19 @@ def _below(sch: s_tir.Schedule, blk, loop) -> list:
     loops = sch.get_loops(blk)
     at = next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(loop)))
     return loops[at + 1 :]
+
+
+def _tile_loops(sch: s_tir.Schedule, c, tile_loop) -> tuple:
+    """An accumulator's loops under its tile loop: rows (None: a one-row tile has no row loop of
+    its own), columns, reduction."""
+    own = _below(sch, c, tile_loop)
+    rows, cols, red = ([None] if len(own) == 2 else own[:1]) + own[-2:]
+    return rows, cols, red
+
+
+def _vectorize_columns(sch: s_tir.Schedule, cols, nb: int) -> None:
+    """An epilogue's nb*16 columns 16 at a time: wider int64 vectors than that spill registers."""
+    sch.vectorize(sch.split(cols, [None, LANES])[1] if nb > 1 else cols)
 
 
 def _register_tile(sch: s_tir.Schedule, c, rows, a1, a2, nb: int, intrin: str | None) -> None:
@@ -229,13 +240,12 @@ def _first_gemm(sch: s_tir.Schedule, first: GemmParts, par, row_tile, isa: Isa) 
         sch.reorder(i0, j0, i1, j1)
     sch.compute_at(c, j0)
     sch.set_scope(c, 0, "local")
-    own = _below(sch, c, j0)
-    rows, a1, a2 = ([None] if len(own) == 2 else own[:1]) + own[-2:]
+    rows, a1, a2 = _tile_loops(sch, c, j0)
     for blk, at in ((first.weight, par), (first.weight_sums, par), (first.activation, row_tile)):
         if blk is not None:
             sch.compute_at(blk, at, preserve_unit_loops=False)
             _vectorize_inner(sch, blk)
-    sch.vectorize(sch.split(j1, [None, LANES])[1] if nb > 1 else j1)
+    _vectorize_columns(sch, j1, nb)
     return c, rows, a1, a2, nb
 
 
