@@ -173,10 +173,8 @@ def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, intrin: str | None, t
     sch.parallel(par)  # before any tensorize: a tensorized reduction is no longer one TVM can check
     if first_tile is not None:
         _register_tile(sch, *first_tile, intrin)
-    if amx:  # the whole block's reduction is one intrinsic call; its accumulator starts at 0 in memory
-        init = sch.decompose_reduction(c, rows)
+    if amx:  # the whole block's reduction, its init included, is one intrinsic call
         sch.tensorize(rows, amx_intrin(k, nb * LANES))
-        sch.vectorize(sch.get_loops(init)[-1])
     else:
         _register_tile(sch, c, rows, a1, a2, nb, intrin)
     _vectorize_columns(sch, oj1, nb)

@@ -36,7 +36,8 @@ def test_linear_on_the_tiles_equals_numpy(n, k):
     m = 64
     kern = linear_kernel("g", lin, m, gelu_epilogue(g), "int8")
     lib = tvm.compile(tvm.IRModule({"main": cpu.schedule(kern.func, cpu.ISAS["amx"])}), targets.tvm_target(host))
-    assert "tdpbusd" in lib.mod.inspect_source("asm")
+    asm = lib.mod.inspect_source("asm")
+    assert "tdpbusd" in asm and "tilezero" in asm  # the accumulators start on the tiles, not in memory
     x = rng.integers(-128, 128, (m, k)).astype(np.int8)
     out = tvm.runtime.tensor(np.zeros(kern.out_shape, kern.out_dtype))
     lib["main"](tvm.runtime.tensor(x), *map(tvm.runtime.tensor, kern.consts), out)
