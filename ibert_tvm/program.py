@@ -51,6 +51,21 @@ class Requant:
         top = self.bound * int(np.abs(self.m).max()) + (1 << (int(self.e.max()) - 1))
         return top < 2**31
 
+    def saturation(self) -> int | None:
+        """The least w from which every |x| >= w clamps every channel (None without a clamp), so
+        that clamping x to [-w, w] first changes no output. For |m| at x = +-w: x * m + 2**(e-1)
+        reaches hi * 2**e on one side and stays below (lo + 1) * 2**e on the other."""
+        if self.lo is None:
+            return None
+        m = np.abs(self.m.astype(object))
+        if not m.all():
+            return None
+        two_e = np.left_shift(1, self.e.astype(object))
+        half = two_e // 2
+        top = -((half - self.hi * two_e) // m)  # ceil((hi * 2**e - half) / |m|)
+        bottom = (half - (self.lo + 1) * two_e) // m + 1
+        return int(np.max(np.maximum(top, bottom)))
+
 
 def dyadic(ratio: Any, in_bound: int, clamp: tuple[int, int] | None = None) -> Requant:
     """Approximate ``x * ratio`` by ``x * m >> e`` for |x| <= in_bound, without int64 overflow.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from tvm import te, tirx
 
 from ibert_tvm.program import LayerNorm
@@ -35,17 +36,34 @@ def layer_norm_kernel(name: str, ln: LayerNorm, rows: int, channels: int, in_bou
 
     var = te.compute((rows,), lambda r: te.sum(sq(r, c2), axis=c2), name="var")
     root = isqrt_stages(var, "isqrt")
+    # 2**31 // std, std = max(root << shift, 1): at most 2**(31 - shift) but for a constant row
+    # (root 0, std 1), whose 2**31 * y >> 1 is taken as 2**30 * y. Either way an int32 multiplier,
+    # y * factor one `vpmuldq`.
+    narrow_factor = ln.shift >= 1
+    fdt = "int32" if narrow_factor else I64
     factor = te.compute(
         (rows,),
-        lambda r: tirx.floordiv(c64(1 << 31), tirx.max(root[r] << c64(ln.shift), c64(1))),
+        lambda r: tirx.Select(root[r] == c64(0), c64(1 << 30),
+                              tirx.floordiv(c64(1 << 31), root[r] << c64(ln.shift))).astype(fdt)
+        if narrow_factor else tirx.floordiv(c64(1 << 31), tirx.max(root[r] << c64(ln.shift), c64(1))),
         name="factor",
     )
     bias = consts.add(ln.bias, "bias")
     bound = LayerNorm.out_bound(channels)
+    # Past +-w the first requantization saturates on every channel: clamped there, its input is
+    # int32 and its product with m one `vpmuldq` too. The +-bound clamp then changes nothing where
+    # bound - |bias| >= w: one clamp where there were two.
+    w = ln.out[0].saturation()
+    window = w is not None and w < 2**31 and int(np.abs(ln.out[0].m).max()) < 2**31
+    inner = not window or bound - int(np.abs(ln.bias).max()) < w
 
     def norm(r, ch):
-        y = centered(r, ch).astype(I64) * factor[r] >> c64(1)
-        return chain(clamp(y, -bound, bound) + bias[ch], ln.out, consts, ch).astype("int8")
+        y = centered(r, ch).astype(I64) * factor[r].astype(I64)
+        y = y >> tirx.Select(root[r] == c64(0), c64(0), c64(1)) if narrow_factor else y >> c64(1)
+        y = (clamp(y, -bound, bound) if inner else y) + bias[ch]
+        if window:
+            y = clamp(y, -w, w).astype("int32")
+        return chain(y, ln.out, consts, ch).astype("int8")
 
     out = te.compute((rows, channels), norm, name="O")
     return make_kernel(name, "rowwise", [x], out, consts)

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ibert_tvm.program import PRODUCT_BITS, dyadic
-from ibert_tvm.reference import isqrt
+from ibert_tvm.program import INT8, PRODUCT_BITS, dyadic
+from ibert_tvm.reference import isqrt, requant
 
 LIMIT = 2**62
 EDGES = [0, 1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 2**31 - 1, 2**32, 2**61, LIMIT - 1]
@@ -114,6 +114,27 @@ def test_dyadic_within_one_for_activation_bounds(r, x):
     rq = dyadic(r, 2**20)
     y = (x * int(rq.m) + (1 << (int(rq.e) - 1))) >> int(rq.e)
     assert abs(Fraction(y) - x * Fraction(r)) <= 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(rs=st.lists(signed_ratios, min_size=1, max_size=6), bound_bits=st.integers(8, 40), data=st.data())
+def test_saturation_is_the_least_clamp_that_changes_nothing(rs, bound_bits, data):
+    """Clamping x to +-w before a saturating requantization keeps every output; at w - 1 some
+    channel still has an unsaturated output on one side."""
+    rq = dyadic(np.array(rs), 2**bound_bits, INT8)
+    w = rq.saturation()
+    assert w is not None and w >= 1
+    out = lambda x: requant(np.full(len(rs), x, np.int64), rq)  # noqa: E731
+    beyond = data.draw(st.integers(w, max(w, rq.bound)), label="beyond")
+    for x in {w, w + 1, beyond}:
+        np.testing.assert_array_equal(out(x), out(w))
+        np.testing.assert_array_equal(out(-x), out(-w))
+    if w > 1:
+        assert (out(w - 1) != out(w)).any() or (out(1 - w) != out(-w)).any()
+
+
+def test_saturation_needs_a_clamp():
+    assert dyadic(0.5, 1000).saturation() is None
 
 
 def test_dyadic_per_channel_matches_scalar():
