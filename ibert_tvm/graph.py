@@ -152,7 +152,7 @@ def build_graph(p: IntProgram, batch: int, seq: int, a_shift: int = U8_SHIFT, na
                     ctx, x,
                 )
                 hmid = em.call(layer_norm_kernel(n("attn_ln"), L.attn_ln, rows, h, RESIDUAL_BOUND), attn)
-                inter = em.call(linear(n("inter"), L.inter, rows, gelu_epilogue(L.gelu), "int8"), hmid)
+                inter = em.call(linear(n("inter"), L.inter, rows, gelu_epilogue(L.gelu, L.inter.acc_bound), "int8"), hmid)
                 res = em.call(
                     linear(
                         n("ffn_out"), L.out_dense, rows, residual_epilogue(L.out_acc, L.out_res), "int32",
@@ -182,7 +182,7 @@ def encoder_head(e: Encoded) -> list[relax.Expr]:
 
 def masked_lm_head(e: Encoded) -> list[relax.Expr]:
     lm = e.p.lm_head
-    g = e.em.call(e.linear("lm_dense", lm.dense, e.rows, gelu_epilogue(lm.gelu), "int32"), e.x)
+    g = e.em.call(e.linear("lm_dense", lm.dense, e.rows, gelu_epilogue(lm.gelu, lm.dense.acc_bound), "int32"), e.x)
     t = e.em.call(layer_norm_kernel("lm_ln", lm.ln, e.rows, e.p.hidden), g)
     logits = e.em.call(e.linear("lm_decoder", lm.decoder, e.rows, raw_epilogue(), "int32"), t)
     return [e.em.reshape(logits, (e.flat, e.seq, e.p.vocab))]

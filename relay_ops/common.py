@@ -81,9 +81,17 @@ def requant(x: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.expr.Ex
     # an int32 table of m even for int64 products: a product with a sign-extended 32-bit value is
     # one `vpmuldq` where LLVM can pair it that way (i-GELU's x * (erf + one) * m), not `vpmullq`
     m_dt = "int32" if int(np.abs(rq.m).max()) < 2**31 else I64
-    m, e = consts.add(rq.m.astype(m_dt), "m")[ch].astype(dt), consts.add(rq.e.astype(dt), "e")[ch]
+    m = consts.add(rq.m.astype(m_dt), "m")[ch].astype(dt)
+    return rescale(x.astype(dt) * m, rq, consts, ch)
+
+
+def rescale(product: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.expr.Expr) -> tvm.ir.expr.Expr:
+    """A per-channel requantization of x whose product x * m the caller formed (in its dtype):
+    ``clamp((product + 2**(e-1)) >> e)``."""
+    dt = str(product.ty)
+    e = consts.add(rq.e.astype(dt), "e")[ch]
     half = consts.add(np.left_shift(1, rq.e.astype(np.int64) - 1).astype(dt), "r")[ch]
-    return clamp(((x.astype(dt) * m + half) >> e).astype(I64), rq.lo, rq.hi)
+    return clamp(((product + half) >> e).astype(I64), rq.lo, rq.hi)
 
 
 def chain(x: tvm.ir.expr.Expr, rqs: list[Requant], consts: Consts, ch: tvm.ir.expr.Expr) -> tvm.ir.expr.Expr:

@@ -8,9 +8,10 @@ import numpy as np
 import tvm.ir.expr
 from tvm import te, tirx
 
+from ibert_tvm import reference
 from ibert_tvm.program import INT22, Gelu, Linear, Requant, Tanh
 
-from .common import I64, Consts, Kernel, c64, chain, clamp, iexp, make_kernel, opaque_sum, requant
+from .common import I64, Consts, Kernel, c64, chain, clamp, iexp, make_kernel, opaque_sum, requant, rescale
 from .gemm import B_ABOVE_INT8_MIN, U8_SHIFT, compensation, int8_matmul, pack_weight, packable
 
 Expr = tvm.ir.expr.Expr
@@ -61,27 +62,71 @@ def residual_epilogue(acc_rq: Requant, res_rq: Requant) -> Epilogue:
     return f
 
 
-def gelu_epilogue(g: Gelu) -> Epilogue:
+def gelu_flat_from(g: Gelu, acc_bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the accumulators (lo, hi) beyond which the i-GELU output no longer changes, up
+    to +-acc_bound: clamping x to [lo, hi] first is exact. Past +-b erf is saturated, the product
+    linear in x and its requantization monotone, so each is a bisection of the reference between
+    -b (or b) and the bound."""
+    nb = np.minimum(-g.b.astype(np.int64), acc_bound)
+
+    def last_change(start: np.ndarray, end: int) -> np.ndarray:
+        """The x nearest `start` on its way to `end` whose output equals the output at `end`, and
+        so does every x beyond it."""
+        def out(x: np.ndarray) -> np.ndarray:
+            return reference.gelu(x[None], g)[0]
+        near, far = start.copy(), np.full_like(start, end)
+        goal = out(far)
+        while (near != far).any():
+            mid = (near + far) // 2 if end > 0 else -((-near - far) // 2)
+            same = out(mid) == goal
+            far, near = np.where(same, mid, far), np.where(same, near, mid + np.sign(end))
+        return far
+
+    return last_change(-nb, -acc_bound), last_change(nb, acc_bound)
+
+
+def gelu_window(g: Gelu, acc_bound: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The clamp (`gelu_flat_from`) within which x * m of the first requantization and erf + one
+    are int32, if there is one: then their product is one `vpmuldq`."""
+    first = g.out[0]
+    erf_bound = int(((g.b.astype(object) ** 2 + np.abs(g.c)) >> g.ERF_SHIFT).max()) + int(np.abs(g.one).max())
+    if int(np.abs(g.b).max()) >= 2**31 or not first.per_channel or erf_bound >= 2**31:
+        return None
+    lo, hi = gelu_flat_from(g, acc_bound)
+    return (lo, hi) if int((np.maximum(-lo, hi) * np.abs(first.m)).max()) < 2**31 else None
+
+
+def gelu_epilogue(g: Gelu, acc_bound: int) -> Epilogue:
     """i-GELU with per-channel constants, then its requantization chain to int8.
 
     Where -b fits int32 (every model measured), the clamped |x| is int32 and its square one
-    32 x 32 -> 64-bit product (`vpmuldq`), as is x times the int32 multiplier of the first
-    requantization: one full 64-bit product per element is left."""
+    32 x 32 -> 64-bit product (`vpmuldq`). Where x, clamped to the range over which the output
+    changes, times m of the first requantization fits int32 too (`gelu_window`: roberta-base, not
+    MiniLM), x * m * (erf + one) is one `vpmuldq` as well, not a 64-bit product of x * m and
+    erf + one (3 uops)."""
     dt = "int32" if int(np.abs(g.b).max()) < 2**31 else I64
+    first = g.out[0]
+    window = gelu_window(g, acc_bound)
 
     def f(acc, j, consts, extras, i):
         nb = consts.add((-g.b).astype(dt), "gnb")[j]
         c, one = consts.add(g.c, "gc")[j], consts.add(g.one, "g1")[j]
         x = acc.astype(dt)
+        if window is not None:
+            lo, hi = (consts.add(v.astype("int32"), name)[j] for v, name in zip(window, ("glo", "ghi")))
+            x = tirx.min(tirx.max(x, lo), hi)
         # (min(|x|, -b) + b)**2 as u**2 with u = max(-b - |x|, 0) in [0, -b]; |x| as max(x, -x): TVM
         # lowers abs to a select that the simplifier then pushes through the square
         u = tirx.max(nb - tirx.max(x, -x), tirx.const(0, dt)).astype(I64)
-        x = x.astype(I64)
         # sign(x) * v as (v ^ s) - s with s = -1 for x < 0 (at x == 0 the erf value is multiplied
         # by x == 0 anyway): a select would have TVM's simplifier specialize the polynomial to each sign
-        s = x >> c64(63)
+        s = x.astype(I64) >> c64(63)
         erf = (((u * u + c) ^ s) - s) >> c64(g.ERF_SHIFT)
-        return chain(x * (erf + one), g.out, consts, j)
+        if window is None:
+            return chain(x.astype(I64) * (erf + one), g.out, consts, j)
+        xm = x * consts.add(first.m.astype("int32"), "m")[j]
+        t = (erf + one).astype("int32")  # within erf_bound: int32, and the cast tells LLVM so
+        return chain(rescale(xm.astype(I64) * t.astype(I64), first, consts, j), g.out[1:], consts, j)
     return f
 
 

@@ -34,7 +34,7 @@ def test_linear_on_the_tiles_equals_numpy(n, k):
     lin = Linear(rng.integers(-127, 128, (n, k)).astype(np.int8), rng.integers(-5000, 5000, n).astype(np.int32))
     g = gelu_of(lin, rng.uniform(1e-5, 3e-5, n), [0.03, 0.035])
     m = 64
-    kern = linear_kernel("g", lin, m, gelu_epilogue(g), "int8")
+    kern = linear_kernel("g", lin, m, gelu_epilogue(g, lin.acc_bound), "int8")
     lib = tvm.compile(tvm.IRModule({"main": cpu.schedule(kern.func, cpu.ISAS["amx"])}), targets.tvm_target(host))
     asm = lib.mod.inspect_source("asm")
     assert "tdpbusd" in asm and "tilezero" in asm  # the accumulators start on the tiles, not in memory

@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ibert_tvm import reference, targets
-from ibert_tvm.importer import iexp, tanh_of
+from ibert_tvm.importer import gelu_of, iexp, tanh_of
 from ibert_tvm.program import EXP_CONST, INT16, Linear, Softmax
 from ibert_tvm.relay_ops.attention import softmax_kernel
 from ibert_tvm.relay_ops.common import Consts, iexp_bounds, make_kernel
 from ibert_tvm.relay_ops.common import iexp as iexp_expr
-from ibert_tvm.relay_ops.linear import linear_kernel, tanh_epilogue
+from ibert_tvm.relay_ops.linear import gelu_epilogue, gelu_flat_from, gelu_window, linear_kernel, tanh_epilogue
 from ibert_tvm.schedules import cpu
 
 
@@ -98,6 +98,43 @@ def test_softmax_kernel_matches_reference_at_its_edges(exp_at_zero, clamp):
     want = reference.softmax(scores, mask[:, None, None, :], sm)  # gaps of 2**31 and more included
     assert (got == want).all()
     assert (got[1, :, :, 0] == 255).all() and not got[2].any()
+
+
+def gelu_kernel(g, acc_bound: int, rows: int):
+    """The i-GELU epilogue alone, on int32 accumulators [rows, channels]."""
+    from tvm import te
+
+    consts = Consts("gelu")
+    acc = te.placeholder((rows, len(g.b)), "int32", name="acc")
+    f = gelu_epilogue(g, acc_bound)
+    out = te.compute(acc.shape, lambda i, j: f(acc[i, j], j, consts, [], i).astype("int8"), name="O")
+    return make_kernel("gelu", "elementwise", [acc], out, consts)
+
+
+@pytest.mark.parametrize("acc_scale, folds", [(1e-5, True), (2e-5, False)], ids=["window", "int64"])
+def test_gelu_epilogue_equals_reference_at_its_clamps(acc_scale, folds):
+    """Accumulators at, beside and past the window where the output changes (`gelu_flat_from`),
+    at +-b and at the accumulator's bound: the clamp changes no output."""
+    n = 48
+    rng = np.random.default_rng(3)
+    lin = Linear(rng.integers(-127, 127, (n, 768)).astype(np.int8), rng.integers(-9000, 9000, n).astype(np.int32))
+    g = gelu_of(lin, acc_scale * rng.uniform(0.5, 1.5, n), [0.03, 0.035])
+    bound = lin.acc_bound
+    assert (gelu_window(g, bound) is not None) == folds
+    lo, hi = gelu_flat_from(g, bound)
+    nb = -g.b
+    rows = [lo, lo - 1, lo + 1, hi, hi - 1, hi + 1, nb, -nb, nb - 1, 1 - nb, 0 * nb, 0 * nb + bound, 0 * nb - bound]
+    acc = np.clip(np.stack([*rows, *rng.integers(-bound, bound + 1, (20, n))]), -bound, bound).astype(np.int32)
+    acc = np.concatenate([acc, rng.integers(-2 * nb.max(), 2 * nb.max(), (15, n)).astype(np.int32)])
+    want = reference.gelu(acc, g)
+    assert len(np.unique(want)) > 30
+    np.testing.assert_array_equal(run_kernel(gelu_kernel(g, bound, len(acc)), acc), want)
+    at = lambda x: reference.gelu(np.broadcast_to(x, (1, n)).astype(np.int64), g)[0]  # noqa: E731
+    np.testing.assert_array_equal(at(hi), at(np.full(n, bound)))
+    np.testing.assert_array_equal(at(lo), at(np.full(n, -bound)))
+    # where the window reaches past +-b, one step inside it the output still changes
+    assert (hi > nb).any()
+    assert (at(hi - 1) != at(hi))[hi > nb].all() and (at(lo + 1) != at(lo))[lo < -nb].all()
 
 
 def test_tanh_kernel_matches_reference_and_tanh():
