@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from tvm import relax
 
     from .manifest import Target
+    from .relay_ops.gemm import Shift
     from .targets import Preset
 
 KernelSchedule = Callable[["tvm.tirx.PrimFunc", str], "tvm.tirx.PrimFunc"]  # (kernel, its name) -> scheduled
@@ -31,8 +32,9 @@ KernelSchedule = Callable[["tvm.tirx.PrimFunc", str], "tvm.tirx.PrimFunc"]  # (k
 class Device:
     name: str  # the manifest's target.device
     tunable: bool  # whether `ibert-tvm tune` measures its GEMM tiles (schedules.tuning)
-    # how the GEMMs take activations (relay_ops.gemm): shifted to u8 by 128, or s8 as they are (0)
-    a_shift: Callable[[Preset], int]
+    # how the GEMMs take activations (relay_ops.gemm): shifted to u8 by 128, or s8 as they are (0),
+    # all alike or by shape
+    a_shift: Callable[[Preset], Shift]
     # attention's scores, softmax and context as one kernel, row tile by row tile (graph.build_graph)
     fused_attention: bool
     # the TVM target, code for `threads` threads where the device has a thread pool (None: every CPU)

@@ -14,15 +14,20 @@ if TYPE_CHECKING:
     from tvm import relax
 
     from .manifest import Target
+    from .relay_ops.gemm import Shift
     from .targets import Preset
 
 
-def _a_shift(preset: Preset) -> int:
-    """The operand form of the preset's GEMM instruction: `vpdpbusd` / `tdpbusd` multiply u8 by s8;
-    ARM's `sdot` and AVX2's sign trick take s8 x s8."""
-    from ibert_tvm.schedules.cpu import ISAS
+def _a_shift(preset: Preset) -> Shift:
+    """The operand form of the preset's GEMM instructions: `vpdpbusd` multiplies u8 by s8; ARM's
+    `sdot`, AVX2's sign trick and the AMX tiles' `tdpbssd` take s8 x s8. With AMX, the GEMMs that
+    fit the tiles take s8 (no staging pass), the rest u8 on `vpdpbusd`."""
+    from ibert_tvm.schedules.cpu import ISAS, amx_fits
 
-    return ISAS[preset.isa].a_shift
+    isa = ISAS[preset.isa]
+    if not isa.matrix:
+        return isa.a_shift
+    return lambda m, n, k: 0 if amx_fits(m, n, k) else isa.a_shift
 
 
 def _tvm_target(preset: Preset, threads: int | None) -> tvm.target.Target:

@@ -19,7 +19,7 @@ from tvm import relax
 from ibert_tvm.relay_ops.attention import attention_kernel, context_kernel, scores_kernel, softmax_kernel
 from ibert_tvm.relay_ops.common import Kernel
 from ibert_tvm.relay_ops.embedding import embedding_kernel
-from ibert_tvm.relay_ops.gemm import U8_SHIFT
+from ibert_tvm.relay_ops.gemm import U8_SHIFT, Shift
 from ibert_tvm.relay_ops.layernorm import layer_norm_kernel
 from ibert_tvm.relay_ops.linear import (
     gelu_epilogue,
@@ -96,7 +96,7 @@ class Encoded:
         return dict(x_shape=(self.flat, self.seq, self.p.hidden), read=lambda t, r, k: t[r, 0, k])
 
 
-def build_graphs(p: IntProgram, batches: list[int], seqs: list[int], a_shift: int = U8_SHIFT,
+def build_graphs(p: IntProgram, batches: list[int], seqs: list[int], a_shift: Shift = U8_SHIFT,
                  choices: int = 1, fused_attention: bool = False) -> Graph:
     """One module with a function per compiled (batch, length) bucket (`function_name`), their
     kernels named by `names.bucket_symbol`, all taking the same parameters: weights stored once."""
@@ -111,7 +111,7 @@ def build_graphs(p: IntProgram, batches: list[int], seqs: list[int], a_shift: in
     return Graph(module, params or [])
 
 
-def build_graph(p: IntProgram, batch: int, seq: int, a_shift: int = U8_SHIFT, name: str = "main",
+def build_graph(p: IntProgram, batch: int, seq: int, a_shift: Shift = U8_SHIFT, name: str = "main",
                 bucketed: bool = False, choices: int = 1, fused_attention: bool = False) -> Graph:
     """`a_shift`: how the target's GEMMs take activations (relay_ops.gemm); `fused_attention`:
     scores, softmax and context as one kernel rather than three. Outputs never change.

@@ -6,11 +6,14 @@ from __future__ import annotations
 import platform
 import shutil
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .device import Device
 from .device_cpu import CPU
 from .device_cuda import CUDA
+
+if TYPE_CHECKING:
+    from .relay_ops.gemm import Shift
 
 CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # compiler -> Debian package
 ARM64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
@@ -33,8 +36,8 @@ class Preset:
         return self.device_kind.name
 
     @property
-    def a_shift(self) -> int:
-        """How the GEMMs take activations (relay_ops.gemm): u8 (+128) or s8 (0)."""
+    def a_shift(self) -> Shift:
+        """How the GEMMs take activations (relay_ops.gemm): u8 (+128) or s8 (0), all alike or by shape."""
         return self.device_kind.a_shift(self)
 
     def cross_compiler(self) -> str | None:

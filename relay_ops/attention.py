@@ -12,7 +12,7 @@ from tvm import te, tirx
 from ibert_tvm.program import EXP_CONST, Layer, Requant, Softmax
 
 from .common import I64, Consts, Kernel, c64, iexp, make_kernel, requant
-from .gemm import FIRST_PART_KEY, GROUP, LANES, PART_KEY, U8_SHIFT, Part, int8_matmul, packable
+from .gemm import FIRST_PART_KEY, GROUP, LANES, PART_KEY, U8_SHIFT, Part, Shift, int8_matmul, packable, shift_of
 
 
 def _operand(qkv: te.Tensor, batch: int, seq: int, hidden: int, heads: int, which: int, transpose: bool,
@@ -57,9 +57,10 @@ def _scores(qkv: te.Tensor, batch: int, seq: int, hidden: int, heads: int, a_shi
     )
 
 
-def scores_kernel(name: str, batch: int, seq: int, hidden: int, heads: int, a_shift: int = U8_SHIFT) -> Kernel:
+def scores_kernel(name: str, batch: int, seq: int, hidden: int, heads: int, a_shift: Shift = U8_SHIFT) -> Kernel:
     qkv = te.placeholder((batch * seq, 3 * hidden), "int8", name="qkv")
-    return make_kernel(name, "gemm", [qkv], _scores(qkv, batch, seq, hidden, heads, a_shift), Consts(name))
+    shift = shift_of(a_shift, seq, seq, hidden // heads)
+    return make_kernel(name, "gemm", [qkv], _scores(qkv, batch, seq, hidden, heads, shift), Consts(name))
 
 
 def _fits_int16(rq: Requant) -> bool:
@@ -145,22 +146,24 @@ def _context(probs: te.Tensor, qkv: te.Tensor, layer: Layer, batch: int, seq: in
 
 
 def context_kernel(name: str, layer: Layer, batch: int, seq: int, hidden: int, heads: int,
-                   a_shift: int = U8_SHIFT) -> Kernel:
+                   a_shift: Shift = U8_SHIFT) -> Kernel:
     consts = Consts(name)
     probs = te.placeholder((batch, heads, seq, seq), "uint8", name="probs")
     qkv = te.placeholder((batch * seq, 3 * hidden), "int8", name="qkv")
-    out = _context(probs, qkv, layer, batch, seq, hidden, heads, a_shift, consts)
+    shift = shift_of(a_shift, seq, hidden // heads, seq)
+    out = _context(probs, qkv, layer, batch, seq, hidden, heads, shift, consts)
     return make_kernel(name, "gemm", [probs, qkv], out, consts)
 
 
 def attention_kernel(name: str, layer: Layer, batch: int, seq: int, hidden: int, heads: int,
-                     a_shift: int = U8_SHIFT) -> Kernel:
+                     a_shift: Shift = U8_SHIFT) -> Kernel:
     """The three in one kernel: Q K^T (its stages marked FIRST_PART_KEY), i-softmax and P V, a
     row tile of queries at a time; scores and probabilities never leave the cache."""
     consts = Consts(name)
     qkv = te.placeholder((batch * seq, 3 * hidden), "int8", name="qkv")
     mask = te.placeholder((batch, seq), "int32", name="mask")
-    scores = _scores(qkv, batch, seq, hidden, heads, a_shift, FIRST_PART_KEY)
+    d = hidden // heads
+    scores = _scores(qkv, batch, seq, hidden, heads, shift_of(a_shift, seq, seq, d), FIRST_PART_KEY)
     probs = _probs(scores, mask, layer.softmax, batch, heads, seq)
-    out = _context(probs, qkv, layer, batch, seq, hidden, heads, a_shift, consts)
+    out = _context(probs, qkv, layer, batch, seq, hidden, heads, shift_of(a_shift, seq, d, seq), consts)
     return make_kernel(name, "gemm", [qkv, mask], out, consts)

@@ -3,9 +3,10 @@
 Layout, usable by every schedule; each stage carries its role as a block annotation (`Part`),
 which is how the schedules of every device find them (the block names are for reading only):
 - A, the activation, is staged (block "A", `Part.ACTIVATION`) as int8 + a_shift: x86 VNNI
-  (`vpdpbusd`) multiplies u8 by s8, so there a_shift is 128 and A is u8; ARM `sdot` and CUDA
-  `dp4a` take s8 x s8 and a_shift is 0. The stage also re-indexes its source (the CLS row,
-  merged heads) for free;
+  (`vpdpbusd`) multiplies u8 by s8, so there a_shift is 128 and A is u8; ARM `sdot`, CUDA `dp4a`
+  and Intel AMX's `tdpbssd` take s8 x s8 and a_shift is 0. The stage also re-indexes its source
+  (the CLS row, merged heads) for free; with a_shift 0 and no re-indexing it is a plain read,
+  which a schedule may inline. A target may shift some GEMMs and not others (`Shift`);
 - B, the weight, is packed [N/16, K/4, 16, 4] (block "B_pack", `Part.WEIGHT`, when packed at run
   time; a constant weight is a parameter, packed ahead);
 - the shift is undone by subtracting a_shift * sum_k B[n, k], folded into the bias for constant
@@ -25,6 +26,7 @@ from enum import StrEnum
 import numpy as np
 import tvm.ir.expr
 from tvm import te
+from tvm.te.tensor import TensorSlice
 
 LANES, GROUP = 16, 4
 U8_SHIFT = 128  # x86's a_shift
@@ -72,6 +74,15 @@ def unpack_index(*idx: Expr) -> tuple[Expr, ...]:
     return (*lead, n0 * LANES + n1, k0 * GROUP + k1)
 
 
+# a_shift of every GEMM, or of each GEMM by its (m, n, k): x86 with AMX takes s8 on the tiles, u8
+# on vpdpbusd
+Shift = int | Callable[[int, int, int], int]
+
+
+def shift_of(a_shift: Shift, m: int, n: int, k: int) -> int:
+    return a_shift if isinstance(a_shift, int) else a_shift(m, n, k)
+
+
 def compensation(w: np.ndarray, a_shift: int) -> np.ndarray:
     """a_shift * sum_k W[n, k]: what the shift of A adds to every output column."""
     return (a_shift * w.astype(np.int64).sum(-1)).astype(np.int32)
@@ -102,9 +113,13 @@ def int8_matmul(
     The epilogue receives the raw sum: it must subtract the compensation itself (it knows
     whether it is a constant folded into the bias or a run-time column sum).
     """
-    dtype = "uint8" if a_shift else "int8"
-    a = te.compute((*batch, m, k), lambda *i: (a_int8(*i).astype("int32") + a_shift).astype(dtype), name="A",
-                   attrs=Part.ACTIVATION.attrs(part_key))
+    def staged(*i: Expr) -> Expr:
+        a = a_int8(*i)
+        if a_shift:
+            return (a.astype("int32") + a_shift).astype("uint8")
+        return a if isinstance(a, TensorSlice) and a.dtype == "int8" else a.astype("int8")  # a read stays a read
+
+    a = te.compute((*batch, m, k), staged, name="A", attrs=Part.ACTIVATION.attrs(part_key))
     rk = te.reduce_axis((0, k), name="k")
     read_b = b_reader(b, packed)
     acc = te.compute(

@@ -12,7 +12,7 @@ from ibert_tvm import reference
 from ibert_tvm.program import INT22, Gelu, Linear, Requant, Tanh
 
 from .common import I64, Consts, Kernel, c64, chain, clamp, iexp, make_kernel, opaque_sum, requant, rescale
-from .gemm import B_ABOVE_INT8_MIN, U8_SHIFT, compensation, int8_matmul, pack_weight, packable
+from .gemm import B_ABOVE_INT8_MIN, U8_SHIFT, Shift, compensation, int8_matmul, pack_weight, packable, shift_of
 
 Expr = tvm.ir.expr.Expr
 Epilogue = Callable[[Expr, Expr, Consts, list[te.Tensor]], Expr]
@@ -27,13 +27,14 @@ def linear_kernel(
     extra_inputs: tuple[tuple[tuple[int, ...], str], ...] = (),
     x_shape: tuple[int, ...] | None = None,
     read: Callable[[te.Tensor, Expr, Expr], Expr] | None = None,
-    a_shift: int = U8_SHIFT,
+    a_shift: Shift = U8_SHIFT,
 ) -> Kernel:
     """x [m, K] times W.T, then epilogue; `x_shape` + `read(x, row, k)` re-index another layout.
 
     The epilogue gets (acc + bias as int32, column n, consts, extra input tensors, row m).
     """
     n, k = lin.weight.shape
+    a_shift = shift_of(a_shift, m, n, k)
     consts = Consts(name)
     packed = packable(n, k)
     w = consts.add(pack_weight(lin.weight) if packed else lin.weight, "w")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from itertools import takewhile
 
 from tvm import s_tir, tirx
+from tvm.ir.expr import TensorLoad
 
 from ibert_tvm.relay_ops.gemm import B_ABOVE_INT8_MIN, FIRST_PART_KEY, GROUP, LANES, U8_SHIFT, packable
 
@@ -154,8 +155,14 @@ def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, intrin: str | None, t
     # or the outer tiles. Per-head operands (packed K/V, key sums) and each row tile's u8
     # activations are staged inside it, once, and reused by every column tile.
     par = sch.fuse(*bl) if bl else outer
+    a_dtype = str(sch.get(parts.activation).writes[0].source.dtype)
+    # s8 on the tiles: an activation that is a plain read needs no stage, the tiles load it in place
+    activation = parts.activation
+    if amx and a_dtype == "int8" and _plain_read(sch, activation):
+        sch.compute_inline(activation)
+        activation = None
     staged = [(blk, at) for blk, at in ((parts.weight, par), (parts.weight_sums, par),
-                                         (parts.activation, None if columns_first else oi0)) if blk is not None]
+                                         (activation, None if columns_first else oi0)) if blk is not None]
     for blk, at in staged:
         if at is None:
             parallel_vector(sch, blk)
@@ -174,7 +181,7 @@ def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, intrin: str | None, t
     if first_tile is not None:
         _register_tile(sch, *first_tile, intrin)
     if amx:  # the whole block's reduction, its init included, is one intrinsic call
-        sch.tensorize(rows, amx_intrin(k, nb * LANES))
+        sch.tensorize(rows, amx_intrin(k, nb * LANES, a_dtype))
     else:
         _register_tile(sch, c, rows, a1, a2, nb, intrin)
     _vectorize_columns(sch, oj1, nb)
@@ -183,6 +190,14 @@ def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, intrin: str | None, t
             _vectorize_inner(sch, blk)
     _vectorize_rows(sch, rowwise)
     return True
+
+
+def _plain_read(sch: s_tir.Schedule, blk) -> bool:
+    """Whether a block only copies its source element for element (no re-indexing, no arithmetic)."""
+    block = sch.get(blk)
+    value = block.body.value
+    return (isinstance(value, TensorLoad) and len(value.indices) == len(block.iter_vars)
+            and all(i.same_as(iv.var) for i, iv in zip(value.indices, block.iter_vars)))
 
 
 def _below(sch: s_tir.Schedule, blk, loop) -> list:

@@ -13,7 +13,8 @@ adding a 4-element product of one A group (broadcast) with a 16x4 packed B tile.
   -128 (whose sign flip wraps). Linear weights never are (HF's clamp to [-127, 126]); the
   schedule uses it on kernels that say so (`relay_ops.gemm.B_ABOVE_INT8_MIN`); `vpmaddwd` by ones
   then widens the pairs into the int32 sums.
-And a 32-row block over the whole reduction on Intel AMX tiles (`tdpbusd`, u8 x s8), below.
+And a 32-row block over the whole reduction on Intel AMX tiles (`tdpbssd` s8 x s8, or `tdpbusd`
+u8 x s8), below.
 """
 
 import functools
@@ -142,7 +143,7 @@ s_tir.TensorIntrin.register(AVX2_SIGN_INTRIN, _desc("int8"), _avx2_sign)
 
 
 # Intel AMX: eight tile registers of 16 rows x 64 bytes, configured alike (one 64-byte config):
-# tmm0-3 accumulate 32x32 int32 of the block, tmm4-5 hold two 16-row u8 A tiles (64 k each), tmm6-7
+# tmm0-3 accumulate 32x32 int32 of the block, tmm4-5 hold two 16-row A tiles (64 k each), tmm6-7
 # two 16-column B tiles (16 groups of 4 k: exactly 16 rows of the packed [N/16, K/4, 16, 4]).
 AMX_M = AMX_N = 32
 AMX_K = 64
@@ -157,10 +158,13 @@ def _config_word(i):
     return word
 
 
+_AMX_PRODUCT = {"uint8": "llvm.x86.tdpbusd", "int8": "llvm.x86.tdpbssd"}  # by A's dtype; B is s8
+
+
 @functools.cache
-def amx_intrin(k: int, n: int) -> str:
-    """C[32, n] int32 = A[32, k] (u8) x B (s8, packed [n/16, k/4, 16, 4]), the whole reduction on
-    the tiles, 32 columns at a time.
+def amx_intrin(k: int, n: int, a_dtype: str = "uint8") -> str:
+    """C[32, n] int32 = A[32, k] (u8 or s8) x B (s8, packed [n/16, k/4, 16, 4]), the whole
+    reduction on the tiles, 32 columns at a time.
 
     Tile state is per thread and a kernel's blocks run on any thread of the pool, so every call
     loads the configuration (a few hundred cycles: a call covers many columns to amortize it).
@@ -172,7 +176,7 @@ def amx_intrin(k: int, n: int) -> str:
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (AMX_M, k), "uint8", offset_factor=1)
+        A = T.match_buffer(a, (AMX_M, k), a_dtype, offset_factor=1)
         B = T.match_buffer(b, (n // 16, groups, 16, 4), "int8", offset_factor=1)
         C = T.match_buffer(c, (AMX_M, n), "int32", offset_factor=1, scope="local")
         with T.sblock("root"):
@@ -190,7 +194,7 @@ def amx_intrin(k: int, n: int) -> str:
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         sa, sb0, sb1, sb2, sc = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-        A = T.match_buffer(a, (AMX_M, k), "uint8", offset_factor=1, strides=[sa, 1])
+        A = T.match_buffer(a, (AMX_M, k), a_dtype, offset_factor=1, strides=[sa, 1])
         B = T.match_buffer(b, (n // 16, groups, 16, 4), "int8", offset_factor=1, strides=[sb0, sb1, sb2, 1])
         C = T.match_buffer(c, (AMX_M, n), "int32", offset_factor=1, scope="local", strides=[sc, 1])
         with T.sblock("root"):
@@ -212,13 +216,13 @@ def amx_intrin(k: int, n: int) -> str:
                                                       B.access_ptr("r", offset=(2 * j + g) * sb0 + kc * 16 * sb1),
                                                       T.int64(sb1)))
                     for t in T.unroll(4):
-                        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.int8(t), T.int8(4 + t // 2),
+                        T.evaluate(T.call_llvm_intrin("void", _AMX_PRODUCT[a_dtype], T.int8(t), T.int8(4 + t // 2),
                                                       T.int8(6 + t % 2)))
                 for t in T.unroll(4):
                     T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(t),
                                                   C.access_ptr("w", offset=t // 2 * 16 * sc + j * AMX_N + t % 2 * 16),
                                                   T.int64(sc * 4)))
 
-    name = f"ibert_amx_32x{n}x{k}_u8i8i32"
+    name = f"ibert_amx_32x{n}x{k}_{a_dtype}_i8i32"
     s_tir.TensorIntrin.register(name, desc, impl)
     return name

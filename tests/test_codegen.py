@@ -33,10 +33,11 @@ def test_vnni_target_uses_vpdpbusd():
 
 
 def test_amx_target_uses_tiles_where_shapes_fill_them():
-    """32-row blocks over K >= 256 in steps of 64 go to the tiles; 8 rows stay on vpdpbusd."""
+    """32-row blocks over K >= 256 in steps of 64 go to the tiles, s8 x s8 (the activation read in
+    place, unshifted); 8 rows stay on vpdpbusd, u8 x s8."""
     asm = gemm_asm("x86-amx", m=64, n=96, k=256)
-    assert "tdpbusd" in asm and "ldtilecfg" in asm
-    assert "tdpbusd" not in gemm_asm("x86-amx") and "vpdpbusd" in gemm_asm("x86-amx")
+    assert "tdpbssd" in asm and "ldtilecfg" in asm and "vpdpbusd" not in asm
+    assert "tdpb" not in gemm_asm("x86-amx") and "vpdpbusd" in gemm_asm("x86-amx")
 
 
 def test_avx2_target_has_no_avx512():
