@@ -94,6 +94,17 @@ def rescale(product: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.e
     return clamp(((product + half) >> e).astype(I64), rq.lo, rq.hi)
 
 
+def rescale_high(a: tvm.ir.expr.Expr, b: tvm.ir.expr.Expr, rq: Requant, consts: Consts,
+                 ch: tvm.ir.expr.Expr) -> tvm.ir.expr.Expr:
+    """`rescale` of the product of two int32s for shifts e > 32: ((a * b >> 32) + 2**(e-33)) >>
+    (e - 32), exact since 2**(e-1) is a multiple of 2**32. The shift and the clamp after the
+    product's high half are int32 work on 16 lanes, not int64 on 2 x 8."""
+    high = high_half(a, b)
+    e = consts.add((rq.e - 32).astype("int32"), "e")[ch]
+    half = consts.add(np.left_shift(1, rq.e.astype(np.int64) - 33).astype("int32"), "r")[ch]
+    return clamp(((high + half) >> e).astype(I64), rq.lo, rq.hi)
+
+
 def chain(x: tvm.ir.expr.Expr, rqs: list[Requant], consts: Consts, ch: tvm.ir.expr.Expr) -> tvm.ir.expr.Expr:
     for rq in rqs:
         x = requant(x, rq, consts, ch)
@@ -111,6 +122,24 @@ def reciprocal(d: int, n_max: int) -> tuple[int, int]:
     if (n_max * m).bit_length() > PRODUCT_BITS:
         raise ValueError(f"no int64 multiply-shift reciprocal of {d} up to {n_max}")
     return m, shift
+
+
+def high_reciprocal(d: int, n_max: int) -> int | None:
+    """M < 2**31 with n * M >> 32 == n // d for every 0 <= n <= n_max, if there is one: the
+    quotient is then the high half of a 32 x 32-bit product. With M = ceil(2**32 / d) and
+    err = M * d - 2**32, n * M / 2**32 = n / d + n * err / (d * 2**32); the floor holds while
+    n * err < 2**32 (the worst n leaves remainder d - 1)."""
+    m = -(-(1 << 32) // d)
+    return m if m < 2**31 and n_max * (m * d - (1 << 32)) < 1 << 32 else None
+
+
+def high_half(a: tvm.ir.expr.Expr, b: tvm.ir.expr.Expr | int) -> tvm.ir.expr.Expr:
+    """(a * b) >> 32 of two int32s, as int32. LLVM's x86 backend computes the high half of a
+    32 x 32-bit product from even- and odd-lane `vpmuldq` / `vpmuludq` and one permute, where a
+    64-bit product takes widening, two multiplies and narrowing: 10 instructions a vector. The
+    operands must be plain int32 values: LLVM distributes a product over an add it may (`opaque_sum`)."""
+    b = c64(b) if isinstance(b, int) else b.astype(I64)
+    return ((a.astype(I64) * b) >> c64(32)).astype("int32")
 
 
 def _poly_extent(ie: IExp) -> int:
@@ -147,9 +176,17 @@ def iexp(x: tvm.ir.expr.Expr, ie: IExp) -> tvm.ir.expr.Expr:
     k = lambda v: tirx.const(int(v), dt)  # noqa: E731
     # clamped on both sides: masked softmax lanes carry garbage that a select later discards
     n = tirx.min(tirx.max(-x.astype(I64), c64(0)), c64(lim)).astype(dt)
-    q = (n * k(m)) >> k(s) if lim * m < 2**31 or not small else ((n.astype(I64) * c64(m)) >> c64(s)).astype(dt)
+    high_m = high_reciprocal(-ie.x0, lim) if small else None
+    if lim * m < 2**31 or not small:
+        q = (n * k(m)) >> k(s)
+    elif high_m is not None:
+        q = high_half(n, high_m)
+    else:
+        q = ((n.astype(I64) * c64(m)) >> c64(s)).astype(dt)
     r = k(-ie.x0) * q - n  # x - x0 * q with x = -n: in (x0, 0]
-    z = (r + k(ie.b)) * r + k(ie.c)
+    poly = (r + k(ie.b)) * r
+    # in int32 an opaque add: LLVM would distribute the product z * m below over a plain one
+    z = opaque_sum(poly, k(ie.c)) if small else poly + k(ie.c)
     m_out, e = int(ie.out.m), int(ie.out.e)
     if tail32:
         # The rounding shift by e + q in two steps, exact for floor shifts:
@@ -157,10 +194,15 @@ def iexp(x: tvm.ir.expr.Expr, ie: IExp) -> tvm.ir.expr.Expr:
         # and z*m >> (e-1) fits int32 (checked above), so only z*m, int32 by int32, is 64-bit (one
         # `vpmuldq` on x86) instead of a 64-bit product and variable 64-bit shifts per element. For
         # q > TAIL_Q the result is 0 as in int64: |z*m| < 2**(e+29) <= 2**(e+q-1).
-        head = ((z.astype(I64) * c64(m_out)) >> c64(e - 1)).astype(dt)
-        qq = tirx.min(q, k(TAIL_Q))
+        # For e > 32 the first step is z*m >> 32, the product's high half (`high_half`), and the
+        # rest e - 32 + q: ((z*m >> 32) + 2**(a+q)) >> (a+q+1) with a = e - 33. Its high half
+        # is below 2**30 in magnitude, so past a + q = 30 the result is 0.
+        a = e - 33 if e > 32 else None
+        head = high_half(z, m_out) if a is not None else ((z.astype(I64) * c64(m_out)) >> c64(e - 1)).astype(dt)
+        top = 30 - a if a is not None else TAIL_Q
+        qq = tirx.min(q, k(top)) + k(a or 0)
         y = (head + (k(1) << qq)) >> (qq + k(1))
-        y = tirx.Select((q > k(TAIL_Q)) | (q > k(PRODUCT_BITS - e)), k(0), y)
+        y = tirx.Select((q > k(top)) | (q > k(PRODUCT_BITS - e)), k(0), y)
         return clamp(y, ie.out.lo, ie.out.hi).astype(I64)
     z, q = z.astype(I64), q.astype(I64)
     shift = c64(e) + q

@@ -11,7 +11,20 @@ from tvm import te, tirx
 from ibert_tvm import reference
 from ibert_tvm.program import INT22, Gelu, Linear, Requant, Tanh
 
-from .common import I64, Consts, Kernel, c64, chain, clamp, iexp, make_kernel, opaque_sum, requant, rescale
+from .common import (
+    I64,
+    Consts,
+    Kernel,
+    c64,
+    chain,
+    clamp,
+    iexp,
+    make_kernel,
+    opaque_sum,
+    requant,
+    rescale,
+    rescale_high,
+)
 from .gemm import B_ABOVE_INT8_MIN, U8_SHIFT, Shift, compensation, int8_matmul, pack_weight, packable, shift_of
 
 Expr = tvm.ir.expr.Expr
@@ -127,7 +140,9 @@ def gelu_epilogue(g: Gelu, acc_bound: int) -> Epilogue:
             return chain(x.astype(I64) * (erf + one), g.out, consts, j)
         xm = x * consts.add(first.m.astype("int32"), "m")[j]
         t = (erf + one).astype("int32")  # within erf_bound: int32, and the cast tells LLVM so
-        return chain(rescale(xm.astype(I64) * t.astype(I64), first, consts, j), g.out[1:], consts, j)
+        product = rescale_high(xm, t, first, consts, j) if int(first.e.min()) > 32 else \
+            rescale(xm.astype(I64) * t.astype(I64), first, consts, j)
+        return chain(product, g.out[1:], consts, j)
     return f
 
 

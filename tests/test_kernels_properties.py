@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from ibert_tvm.program import INT8, PRODUCT_BITS, dyadic
 from ibert_tvm.reference import isqrt, requant
+from ibert_tvm.relay_ops.common import high_reciprocal
 
 LIMIT = 2**62
 EDGES = [0, 1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 2**31 - 1, 2**32, 2**61, LIMIT - 1]
@@ -135,6 +136,27 @@ def test_saturation_is_the_least_clamp_that_changes_nothing(rs, bound_bits, data
 
 def test_saturation_needs_a_clamp():
     assert dyadic(0.5, 1000).saturation() is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(d=st.integers(2, 2**24), intervals=st.integers(1, 64), data=st.data())
+def test_high_reciprocal_is_exact_division(d, intervals, data):
+    """n * M >> 32 == n // d wherever `high_reciprocal` offers M: at the top of the range, at
+    every remainder's worst case (d - 1) near it, and anywhere."""
+    n_max = min(intervals * d, 2**31 - 1)
+    m = high_reciprocal(d, n_max)
+    ns = {0, 1, d - 1, d, n_max, n_max - n_max % d - 1, data.draw(st.integers(0, n_max), label="n")}
+    ns |= {q * d - 1 for q in range(max(1, n_max // d - 3), n_max // d + 1)}
+    ns = sorted(n for n in ns if 0 <= n <= n_max)
+    if m is not None:
+        assert m < 2**31 and all(n * m >> 32 == n // d for n in ns)
+
+
+def test_high_reciprocal_at_roberta_bases_exp_scale():
+    """i-exp's quotient at a scores scale of 1e-4 (x0 = -6931, 30 intervals) is a high half: every n."""
+    n = np.arange(30 * 6931 + 1, dtype=np.int64)
+    m = high_reciprocal(6931, int(n[-1]))
+    assert m is not None and (n * m >> 32 == n // 6931).all()
 
 
 def test_dyadic_per_channel_matches_scalar():

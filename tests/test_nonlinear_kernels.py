@@ -56,9 +56,11 @@ def test_softmax_exp_takes_the_int32_tail_at_attention_scales():
         assert iexp_bounds(iexp(scale, 32767 / c, clamp=INT16)) == (True, True), scale
 
 
-@pytest.mark.parametrize("scale", [3e-2, 1e-3, 4e-5])
+@pytest.mark.parametrize("scale", [3e-2, 1e-3, 1e-4, 4e-5])
 def test_softmax_kernel_matches_reference_across_exp_intervals(scale):
-    """Scores span ~40 multiples of ln2 below the row max, so every i-exp interval q is hit."""
+    """Scores span ~40 multiples of ln2 below the row max, so every i-exp interval q is hit. At
+    1e-3 the tail's first shift passes 32 (the product's high half); at 1e-4 q is one too
+    (`high_reciprocal`, roberta-base's scales); at 4e-5 the polynomial is int64."""
     x0 = -0.6931 / scale
     c = (1 / 0.35815147) / scale**2
     sm = Softmax(exp=iexp(scale, 2.0**EXP_CONST / (c * 2.0**EXP_CONST / 32767), clamp=INT16))
