@@ -166,6 +166,10 @@ def amx_intrin(k: int, n: int, a_dtype: str = "uint8") -> str:
     """C[32, n] int32 = A[32, k] (u8 or s8) x B (s8, packed [n/16, k/4, 16, 4]), the whole
     reduction on the tiles, 32 columns at a time.
 
+    Operands are addressed with `address_of` rather than `access_ptr`: TVM's storage rewrite may
+    place a staged operand in another dtype's buffer, which an access_ptr's element type then
+    contradicts (the fused attention's s8 probabilities at 256 keys).
+
     Tile state is per thread and a kernel's blocks run on any thread of the pool, so every call
     loads the configuration (a few hundred cycles: a call covers many columns to amortize it).
     The description includes the reduction's init, so the accumulators start as `tilezero`: a
@@ -210,17 +214,16 @@ def amx_intrin(k: int, n: int, a_dtype: str = "uint8") -> str:
                 for kc in range(k // AMX_K):
                     for r in T.unroll(2):
                         T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4 + r),
-                                                      A.access_ptr("r", offset=r * 16 * sa + kc * AMX_K), T.int64(sa)))
+                                                      T.address_of(A[r * 16, kc * AMX_K]), T.int64(sa)))
                     for g in T.unroll(2):
                         T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6 + g),
-                                                      B.access_ptr("r", offset=(2 * j + g) * sb0 + kc * 16 * sb1),
-                                                      T.int64(sb1)))
+                                                      T.address_of(B[2 * j + g, kc * 16, 0, 0]), T.int64(sb1)))
                     for t in T.unroll(4):
                         T.evaluate(T.call_llvm_intrin("void", _AMX_PRODUCT[a_dtype], T.int8(t), T.int8(4 + t // 2),
                                                       T.int8(6 + t % 2)))
                 for t in T.unroll(4):
                     T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(t),
-                                                  C.access_ptr("w", offset=t // 2 * 16 * sc + j * AMX_N + t % 2 * 16),
+                                                  T.address_of(C[t // 2 * 16, j * AMX_N + t % 2 * 16]),
                                                   T.int64(sc * 4)))
 
     name = f"ibert_amx_32x{n}x{k}_{a_dtype}_i8i32"

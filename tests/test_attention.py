@@ -19,10 +19,11 @@ BATCH, SEQ = 3, 32
 def expected(qkv: np.ndarray, mask: np.ndarray, layer, heads: int) -> np.ndarray:
     hidden = qkv.shape[1] // 3
     d = hidden // heads
+    batch, seq = mask.shape
 
     def head(which: int) -> np.ndarray:
         part = qkv[:, which * hidden : (which + 1) * hidden]
-        return part.reshape(BATCH, SEQ, heads, d).transpose(0, 2, 1, 3).astype(np.int64)
+        return part.reshape(batch, seq, heads, d).transpose(0, 2, 1, 3).astype(np.int64)
 
     scores = (head(0) @ head(1).transpose(0, 1, 3, 2)).astype(np.int32)
     probs = reference.softmax(scores, mask[:, None, None, :], layer.softmax)
@@ -59,3 +60,29 @@ def test_fused_attention_equals_the_three_steps_for_every_tile(isa):
         out = tvm.runtime.tensor(np.zeros(k.out_shape, k.out_dtype))
         lib["main"](*[tvm.runtime.tensor(a) for a in (qkv, mask, *k.consts)], out)
         np.testing.assert_array_equal(out.numpy(), want, err_msg=f"tiles {tiles}")
+
+
+def test_fused_attention_with_its_context_on_the_amx_tiles():
+    """At 256 keys the context GEMM fits the AMX tiles: the x86-amx preset stages its probabilities
+    as s8 (p - 128, the V sums making up for it) a row tile at a time, the tiles reading them in
+    place of a buffer that TVM's storage rewrite may share with an int32 one."""
+    host = targets.get("host")
+    if host.isa != "amx":
+        pytest.skip("this CPU (or its OS) offers no AMX tiles")
+    spec, batch, seq = Spec(hidden=64, heads=2), 1, 256
+    d = spec.hidden // spec.heads
+    assert cpu.amx_fits(seq, d, seq) and host.a_shift(seq, d, seq) == 0
+    layer = calibrated("IBertModel", spec)[1].layers[0]
+    rng = np.random.default_rng(4)
+    qkv = rng.integers(-128, 128, (batch * seq, 3 * spec.hidden)).astype(np.int8)
+    mask = np.ones((batch, seq), np.int32)
+    mask[0, 200:] = 0
+    k = attention_kernel("a", layer, batch, seq, spec.hidden, spec.heads, host.a_shift)
+    func = cpu.schedule(k.func, cpu.ISAS["amx"]).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), targets.tvm_target(host))
+    assert "tdpbssd" in lib.mod.inspect_source("asm")
+    out = tvm.runtime.tensor(np.zeros(k.out_shape, k.out_dtype))
+    lib["main"](*[tvm.runtime.tensor(a) for a in (qkv, mask, *k.consts)], out)
+    want = expected(qkv, mask, layer, spec.heads)
+    assert len(np.unique(want)) > 20
+    np.testing.assert_array_equal(out.numpy(), want)
