@@ -73,15 +73,16 @@ def gemm_shape(func: tirx.PrimFunc) -> tuple[int, ...] | None:
 
 
 AMX_MIN_K = 256  # below, a block's few tile products do not pay for its configuration and C traffic:
-# attention's scores (K = head size 64) ran 1.4x slower on the tiles than on vpdpbusd, its context (K = keys)
-# even at 128 keys and 1.4x faster at 256
+# attention's scores (K = head size 64) ran 1.4x slower on the tiles than on vpdpbusd
+AMX_MIN_N = 128  # attention's context (N = head size 64) in the fused kernel ran 1.3x slower on the tiles
+# at 256 keys, 1.1x at 512: their 32-row tiles make the softmax's rows overflow L1
 
 
 AMX_L2_WEIGHT = 1 << 20  # bytes of weight kept in L2 across row tiles: half of every AMX CPU's L2
 
 
 def amx_fits(m: int, n: int, k: int) -> bool:
-    return m % AMX_M == 0 and n % AMX_N == 0 and k % AMX_K == 0 and k >= AMX_MIN_K
+    return m % AMX_M == 0 and n % AMX_N == 0 and k % AMX_K == 0 and k >= AMX_MIN_K and n >= AMX_MIN_N
 
 
 def amx_columns(n: int, parallel: bool) -> int:

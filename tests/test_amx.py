@@ -56,7 +56,7 @@ def test_attention_context_on_the_tiles_equals_numpy(a_shift):
     tests have fewer keys), requantized to int8 in the [batch, heads, keys, d] layout; the
     probabilities staged as s8 (p - 128, the V sums making up for it) or as u8."""
     host = amx_host()
-    batch, seq, hidden, heads = 2, 256, 64, 2
+    batch, seq, hidden, heads = 2, 256, 256, 2
     d = hidden // heads
     assert cpu.amx_fits(seq, d, seq)
     rng = np.random.default_rng(0)

@@ -33,9 +33,9 @@ def test_vnni_target_uses_vpdpbusd():
 
 
 def test_amx_target_uses_tiles_where_shapes_fill_them():
-    """32-row blocks over K >= 256 in steps of 64 go to the tiles, s8 x s8 (the activation read in
+    """32-row blocks over K >= 256 and N >= 128 go to the tiles, s8 x s8 (the activation read in
     place, unshifted); 8 rows stay on vpdpbusd, u8 x s8."""
-    asm = gemm_asm("x86-amx", m=64, n=96, k=256)
+    asm = gemm_asm("x86-amx", m=64, n=128, k=256)
     assert "tdpbssd" in asm and "ldtilecfg" in asm and "vpdpbusd" not in asm
     assert "tdpb" not in gemm_asm("x86-amx") and "vpdpbusd" in gemm_asm("x86-amx")
 
