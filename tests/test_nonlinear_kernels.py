@@ -139,6 +139,22 @@ def test_gelu_epilogue_equals_reference_at_its_clamps(acc_scale, folds):
     assert (at(hi - 1) != at(hi))[hi > nb].all() and (at(lo + 1) != at(lo))[lo < -nb].all()
 
 
+def test_gelu_epilogue_equals_reference_on_every_accumulator_up_to_b():
+    """Every x in [b - 2, 2 - b] on every channel, with the window that makes the whole epilogue
+    int32: erf's square, carry and sign in int32 lanes (`_erf32`: the high half of (u << 9)**2
+    plus the low bits' carry) against the reference's int64."""
+    n = 4
+    rng = np.random.default_rng(3)
+    lin = Linear(rng.integers(-127, 127, (n, 768)).astype(np.int8), rng.integers(-9000, 9000, n).astype(np.int32))
+    g = gelu_of(lin, 1.4e-5 * rng.uniform(0.5, 1.5, n), [0.03, 0.035])
+    assert gelu_window(g, lin.acc_bound) is not None
+    nb = int(-g.b.min())
+    acc = np.repeat(np.arange(-nb - 2, nb + 3, dtype=np.int32)[:, None], n, axis=1)
+    want = reference.gelu(acc, g)
+    assert len(np.unique(want)) > 100
+    np.testing.assert_array_equal(run_kernel(gelu_kernel(g, lin.acc_bound, len(acc)), acc), want)
+
+
 def test_tanh_kernel_matches_reference_and_tanh():
     n = 32
     acc_scale = np.full(n, 6.0 / 127)  # int8 inputs cover [-6, 6]
