@@ -220,8 +220,7 @@ def gelu_of(lin: Linear, s_acc: np.ndarray, out_scales: list[Scale], out_clamp: 
     c = np.floor(GELU_COEF[2] / sp**2).astype(np.int64)
     s_erf = sp**2 * GELU_COEF[0] * 2.0**Gelu.ERF_SHIFT
     one = np.floor(1.0 / s_erf).astype(np.int64)
-    erf_bound = int(((b.astype(object) ** 2 + np.abs(c)) >> Gelu.ERF_SHIFT).max()) + 1
-    g_bound = lin.acc_bound * (erf_bound + int(np.abs(one).max()))
+    g_bound = lin.acc_bound * Gelu.multiplier_bound(b, c, one)
     out = [dyadic(s_acc * s_erf / 2 / out_scales[0], g_bound, clamp=out_clamp)]
     out += [dyadic(a / b, 128, clamp=INT8) for a, b in zip(out_scales, out_scales[1:])]
     return Gelu(b=b, c=c, one=one, out=out)

@@ -152,6 +152,12 @@ class Gelu:
 
     ERF_SHIFT = 14  # HF's const: erf's square is shifted right 14 bits to stay small
 
+    @staticmethod
+    def multiplier_bound(b: np.ndarray, c: np.ndarray, one: np.ndarray) -> int:
+        """A bound on |erf + one| over every channel and x, x's multiplier (the erf value is
+        sign(x) ((min(|x|, -b) + b)**2 + c) >> ERF_SHIFT)."""
+        return int(((b.astype(object) ** 2 + np.abs(c)) >> Gelu.ERF_SHIFT).max()) + 1 + int(np.abs(one).max())
+
 
 @dataclass
 class Tanh:

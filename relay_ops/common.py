@@ -85,24 +85,16 @@ def requant(x: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.expr.Ex
     return rescale(x.astype(dt) * m, rq, consts, ch)
 
 
-def rescale(product: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.expr.Expr) -> tvm.ir.expr.Expr:
+def rescale(product: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.expr.Expr,
+            dropped: int = 0) -> tvm.ir.expr.Expr:
     """A per-channel requantization of x whose product x * m the caller formed (in its dtype):
-    ``clamp((product + 2**(e-1)) >> e)``."""
+    ``clamp((product + 2**(e-1)) >> e)``. With `dropped` low bits already shifted off (the
+    product's `high_half`: 32, for every e > 32) the rest of the shift is e - dropped, exact since
+    2**(e-1) is then a multiple of 2**dropped; after a high half it is int32 work on 16 lanes."""
     dt = str(product.ty)
-    e = consts.add(rq.e.astype(dt), "e")[ch]
-    half = consts.add(np.left_shift(1, rq.e.astype(np.int64) - 1).astype(dt), "r")[ch]
+    e = consts.add((rq.e - dropped).astype(dt), "e")[ch]
+    half = consts.add(np.left_shift(1, rq.e.astype(np.int64) - 1 - dropped).astype(dt), "r")[ch]
     return clamp(((product + half) >> e).astype(I64), rq.lo, rq.hi)
-
-
-def rescale_high(a: tvm.ir.expr.Expr, b: tvm.ir.expr.Expr, rq: Requant, consts: Consts,
-                 ch: tvm.ir.expr.Expr) -> tvm.ir.expr.Expr:
-    """`rescale` of the product of two int32s for shifts e > 32: ((a * b >> 32) + 2**(e-33)) >>
-    (e - 32), exact since 2**(e-1) is a multiple of 2**32. The shift and the clamp after the
-    product's high half are int32 work on 16 lanes, not int64 on 2 x 8."""
-    high = high_half(a, b)
-    e = consts.add((rq.e - 32).astype("int32"), "e")[ch]
-    half = consts.add(np.left_shift(1, rq.e.astype(np.int64) - 33).astype("int32"), "r")[ch]
-    return clamp(((high + half) >> e).astype(I64), rq.lo, rq.hi)
 
 
 def chain(x: tvm.ir.expr.Expr, rqs: list[Requant], consts: Consts, ch: tvm.ir.expr.Expr) -> tvm.ir.expr.Expr:

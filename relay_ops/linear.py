@@ -24,7 +24,6 @@ from .common import (
     opaque_sum,
     requant,
     rescale,
-    rescale_high,
 )
 from .gemm import B_ABOVE_INT8_MIN, U8_SHIFT, Shift, compensation, int8_matmul, pack_weight, packable, shift_of
 
@@ -100,16 +99,11 @@ def gelu_flat_from(g: Gelu, acc_bound: int) -> tuple[np.ndarray, np.ndarray]:
     return last_change(-nb, -acc_bound), last_change(nb, acc_bound)
 
 
-def _erf_plus_one_bound(g: Gelu) -> int:
-    """max |erf + one| over every channel and x."""
-    return int(((g.b.astype(object) ** 2 + np.abs(g.c)) >> g.ERF_SHIFT).max()) + int(np.abs(g.one).max())
-
-
 def gelu_window(g: Gelu, acc_bound: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The clamp (`gelu_flat_from`) within which x * m of the first requantization and erf + one
     are int32, if there is one: then their product is one `vpmuldq`."""
     first = g.out[0]
-    if int(np.abs(g.b).max()) >= 2**31 or not first.per_channel or _erf_plus_one_bound(g) >= 2**31:
+    if int(np.abs(g.b).max()) >= 2**31 or not first.per_channel or Gelu.multiplier_bound(g.b, g.c, g.one) >= 2**31:
         return None
     lo, hi = gelu_flat_from(g, acc_bound)
     return (lo, hi) if int((np.maximum(-lo, hi) * np.abs(first.m)).max()) < 2**31 else None
@@ -121,7 +115,7 @@ def gelu_epilogue(g: Gelu, acc_bound: int) -> Epilogue:
     Where -b fits int32 (every model measured), the clamped |x| is int32. Where x, clamped to the
     range over which the output changes, times m of the first requantization fits int32 too
     (`gelu_window`: roberta-base, not MiniLM), x * m * (erf + one) is taken as the high half of an
-    int32 product (`rescale_high`), and erf + one is int32 work as well (`_erf32`): no 64-bit
+    int32 product (`high_half`), and erf + one is int32 work as well (`_erf32`): no 64-bit
     lanes, whose widening and narrowing cost more than the arithmetic. Else x * (erf + one) * m
     is int64."""
     dt = "int32" if int(np.abs(g.b).max()) < 2**31 else I64
@@ -131,8 +125,7 @@ def gelu_epilogue(g: Gelu, acc_bound: int) -> Epilogue:
     half_k = (32 - shift) // 2  # (u << half_k)**2 >> 32 == u**2 >> shift
     # only with the window: for a 64-bit product x * (erf + one), int32 lanes of erf cost another
     # widening (MiniLM's i-GELU GEMM measured 5% slower)
-    narrow_erf = (window is not None and (32 - shift) % 2 == 0 and int(-g.b.min()) < 2 ** (31 - half_k)
-                  and _erf_plus_one_bound(g) < 2**31)
+    narrow_erf = window is not None and (32 - shift) % 2 == 0 and int(-g.b.min()) < 2 ** (31 - half_k)
     mask = (1 << shift) - 1
 
     def _erf32(u: Expr, s: Expr, consts: Consts, j: Expr) -> Expr:
@@ -169,8 +162,8 @@ def gelu_epilogue(g: Gelu, acc_bound: int) -> Epilogue:
         if window is None:
             return chain(x.astype(I64) * t.astype(I64), g.out, consts, j)
         xm = x * consts.add(first.m.astype("int32"), "m")[j]
-        t = t.astype("int32")  # within _erf_plus_one_bound: int32, and the cast tells LLVM so
-        product = rescale_high(xm, t, first, consts, j) if int(first.e.min()) > 32 else \
+        t = t.astype("int32")  # the window's erf + one is int32, and the cast tells LLVM so
+        product = rescale(high_half(xm, t), first, consts, j, 32) if int(first.e.min()) > 32 else \
             rescale(xm.astype(I64) * t.astype(I64), first, consts, j)
         return chain(product, g.out[1:], consts, j)
     return f

@@ -153,8 +153,8 @@ def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, intrin: str | None, t
     sch.set_scope(c, 0, "local")  # the accumulator shrinks to one register tile per iteration
     rows, a1, a2 = _tile_loops(sch, c, inner)
     # One parallel loop per kernel (each parallel region costs a barrier): over heads (attention)
-    # or the outer tiles. Per-head operands (packed K/V, key sums) and each row tile's u8
-    # activations are staged inside it, once, and reused by every column tile.
+    # or the outer tiles. Per-head operands (packed K/V, key sums) and each row tile's staged
+    # activations are computed inside it, once, and reused by every column tile.
     par = sch.fuse(*bl) if bl else outer
     a_dtype = str(sch.get(parts.activation).writes[0].source.dtype)
     # s8 on the tiles: an activation that is a plain read needs no stage, the tiles load it in place
