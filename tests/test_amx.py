@@ -32,7 +32,7 @@ def test_linear_on_the_tiles_equals_numpy(n, k, a_shift, product):
     the i-GELU epilogue reads the tiles' sums exactly, whether the activations are read in place
     (s8, as the x86-amx preset builds them) or staged as u8."""
     host = amx_host()
-    assert (n * k > cpu.AMX_L2_WEIGHT) == (n == 2048)
+    assert (n * k > cpu.L2_WEIGHT) == (n == 2048)
     rng = np.random.default_rng(1)
     lin = Linear(rng.integers(-127, 128, (n, k)).astype(np.int8), rng.integers(-5000, 5000, n).astype(np.int32))
     g = gelu_of(lin, rng.uniform(1e-5, 3e-5, n), [0.03, 0.035])
