@@ -74,8 +74,9 @@ def test_avx2_gemm_exact_at_the_saturation_edges(weight_min):
 
 @pytest.mark.parametrize("preset", ["x86-avx512-vnni", "x86-avx2"])
 def test_a_weight_past_l2_takes_column_tiles_outermost(preset):
-    """Register tiles over a weight larger than L2_WEIGHT: the parallel loop runs over column tiles
-    (each weight panel read once, not once per row tile) and the kernel stays exact."""
+    """Register tiles over a weight larger than L2_WEIGHT: the parallel loop runs over column tiles,
+    each with ROW_GROUPS groups of row tiles (each weight panel read once per group, not once per
+    row tile), and the kernel stays exact."""
     p = targets.get(preset)
     if not set(p.cpu_flags) <= targets.cpu_flags():
         pytest.skip(f"this CPU lacks {preset}'s instructions")
@@ -86,7 +87,7 @@ def test_a_weight_past_l2_takes_column_tiles_outermost(preset):
     kern = linear_kernel("g", lin, m, raw_epilogue(), "int32", a_shift=p.a_shift)
     func = cpu.schedule(kern.func, cpu.ISAS[p.isa], tiles)
     parallel = re.findall(r"T\.parallel\((\d+)\)", func.script())  # the staged activation's, then the GEMM's
-    assert parallel[-1] == str(n // (tiles[1] * 16)) and str(m // tiles[0]) not in parallel
+    assert parallel[-1] == str(n // (tiles[1] * 16) * cpu.ROW_GROUPS) and str(m // tiles[0]) not in parallel
     lib = tvm.compile(tvm.IRModule({"main": func}), targets.tvm_target(p))
     x = rng.integers(-128, 128, (m, k)).astype(np.int8)
     out = tvm.runtime.tensor(np.zeros((m, n), np.int32))
