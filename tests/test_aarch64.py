@@ -42,6 +42,18 @@ np.savez(out, **res)
 """
 
 
+KERNEL_PROBE = r"""
+import sys
+import numpy as np
+import tvm
+library, inputs, out, shape = sys.argv[1:]
+d = np.load(inputs)
+result = tvm.runtime.tensor(np.zeros(tuple(map(int, shape.split(","))), np.int32))
+tvm.runtime.load_module(library)["main"](*(tvm.runtime.tensor(d[f"arr_{i}"]) for i in range(len(d.files))), result)
+np.save(out, result.numpy())
+"""
+
+
 @pytest.fixture(scope="session")
 def arm_artifacts(artifacts, tmp_path_factory) -> dict[tuple[str, str], object]:
     """The session's tiny artifacts' programs, cross-compiled for each ARM preset."""
@@ -77,6 +89,39 @@ def test_arm_runs_under_qemu_bit_identical_to_x86_and_reference(arm_artifacts, a
             assert arm.dtype == x86[name].dtype
             np.testing.assert_array_equal(arm, x86[name], err_msg=f"{preset} {kind} {name} vs x86")
             np.testing.assert_array_equal(arm, want[name], err_msg=f"{preset} {kind} {name} vs reference")
+
+
+def test_arm_column_first_register_tiles_under_qemu(tmp_path):
+    """sdot register tiles over a weight past L2_WEIGHT (column tiles outermost, in row groups; the
+    model tests' weights are smaller), cross-compiled and run under qemu: exact."""
+    sysroot_python()
+    import tvm
+    from tvm.support import cc
+
+    from ibert_tvm import targets
+    from ibert_tvm.program import Linear
+    from ibert_tvm.relay_ops.linear import linear_kernel, raw_epilogue
+    from ibert_tvm.schedules import cpu
+
+    p = targets.get("arm64-dotprod")
+    m, n, k = 32, 1536, 768
+    assert n * k > cpu.L2_WEIGHT
+    rng = np.random.default_rng(3)
+    lin = Linear(rng.integers(-127, 128, (n, k)).astype(np.int8), rng.integers(-99, 99, n).astype(np.int32))
+    kern = linear_kernel("g", lin, m, raw_epilogue(), "int32", a_shift=p.a_shift)
+    isa = cpu.ISAS[p.isa]
+    func = cpu.schedule(kern.func, isa)
+    cols = cpu.default_tiles(m, n, isa)[1]
+    assert f"T.parallel({n // (cols * 16) * cpu.ROW_GROUPS})" in func.script()  # column tiles outermost
+    lib = tvm.compile(tvm.IRModule({"main": func}), targets.tvm_target(p))
+    lib.export_library(str(tmp_path / "g.so"), fcompile=cc.cross_compiler(p.cross_compiler()))
+    x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    np.savez(tmp_path / "in.npz", x, *kern.consts)
+    res = run_aarch64(KERNEL_PROBE, str(tmp_path / "g.so"), str(tmp_path / "in.npz"), str(tmp_path / "out.npy"),
+                      f"{m},{n}", env={"TVM_USE_RUNTIME_LIB": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    want = x.astype(np.int64) @ lin.weight.astype(np.int64).T + lin.bias
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), want)
 
 
 def test_missing_cross_compiler_names_the_debian_package(artifact, tmp_path, monkeypatch):
