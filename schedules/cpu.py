@@ -16,6 +16,7 @@ softmax stages and a first GEMM (Q K^T), all computed under its row tile (`_firs
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import takewhile
 
@@ -174,18 +175,14 @@ def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, intrin: str | None, t
     # outermost, like the kernels around it: each core then reads the rows it wrote itself
     # (MiniLM at 8x128 on AMX: 7% faster whole; its VNNI GEMMs 10-30% slower column-first).
     columns_first = not bl and n * k > L2_WEIGHT
+    outer, inner = (oj0, oi0) if columns_first else (oi0, oj0)
+    sch.reorder(outer, inner, oi1, oj1)
     if columns_first:
         # The parallel loop takes each column block with a few row groups, in that order: on two
         # cores each thread still streams whole blocks, and up to ROW_GROUPS times more cores than
         # blocks get work (on AMX roberta-base's ffn_out has 4). Every row tile a parallel
         # iteration of its own ran 10% slower.
-        groups = next(g for g in (ROW_GROUPS, 2, 1) if int(sch.get(oi0).extent) % g == 0)
-        group, oi0 = sch.split(oi0, [groups, None])
-        outer, inner = oj0, oi0
-        sch.reorder(outer, group, inner, oi1, oj1)
-    else:
-        outer, inner = oi0, oj0
-        sch.reorder(outer, inner, oi1, oj1)
+        group, inner = sch.split(inner, [math.gcd(ROW_GROUPS, int(sch.get(inner).extent)), None])
     sch.compute_at(c, inner)
     sch.set_scope(c, 0, "local")  # the accumulator shrinks to one register tile per iteration
     rows, a1, a2 = _tile_loops(sch, c, inner)

@@ -72,6 +72,22 @@ class Spec:
     positions: int = MAX_POSITIONS
 
 
+def linear_past_l2(a_shift: int, m: int, seed: int):
+    """A raw int32 linear kernel over a 1536 x 768 weight, past the CPU schedule's L2_WEIGHT: the
+    kernel, an activation of m rows and the exact product it must give."""
+    from ibert_tvm.program import Linear
+    from ibert_tvm.relay_ops.linear import linear_kernel, raw_epilogue
+    from ibert_tvm.schedules import cpu
+
+    n, k = 1536, 768
+    assert n * k > cpu.L2_WEIGHT
+    rng = np.random.default_rng(seed)
+    lin = Linear(rng.integers(-127, 128, (n, k)).astype(np.int8), rng.integers(-99, 99, n).astype(np.int32))
+    x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    want = x.astype(np.int64) @ lin.weight.astype(np.int64).T + lin.bias
+    return linear_kernel("g", lin, m, raw_epilogue(), "int32", a_shift=a_shift), x, want
+
+
 def random_inputs(rng: np.random.Generator, batch: int, seq: int, pads: list[int] | None = None):
     """int32 ids/mask [batch, seq]; row i ends in pads[i] pad tokens with mask 0."""
     ids = rng.integers(PAD + 1, VOCAB, (batch, seq)).astype(np.int32)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aarch64 import run_aarch64, sysroot_python
-from conftest import CALIB_TEXTS, KINDS, random_inputs, recompile
+from conftest import CALIB_TEXTS, KINDS, linear_past_l2, random_inputs, recompile
 
 from ibert_tvm import reference
 from ibert_tvm.runner import Runner
@@ -99,28 +99,22 @@ def test_arm_column_first_register_tiles_under_qemu(tmp_path):
     from tvm.support import cc
 
     from ibert_tvm import targets
-    from ibert_tvm.program import Linear
-    from ibert_tvm.relay_ops.linear import linear_kernel, raw_epilogue
     from ibert_tvm.schedules import cpu
 
     p = targets.get("arm64-dotprod")
-    m, n, k = 32, 1536, 768
-    assert n * k > cpu.L2_WEIGHT
-    rng = np.random.default_rng(3)
-    lin = Linear(rng.integers(-127, 128, (n, k)).astype(np.int8), rng.integers(-99, 99, n).astype(np.int32))
-    kern = linear_kernel("g", lin, m, raw_epilogue(), "int32", a_shift=p.a_shift)
+    m = 32
+    kern, x, want = linear_past_l2(p.a_shift, m, 3)
+    n = kern.out_shape[1]
     isa = cpu.ISAS[p.isa]
     func = cpu.schedule(kern.func, isa)
     cols = cpu.default_tiles(m, n, isa)[1]
     assert f"T.parallel({n // (cols * 16) * cpu.ROW_GROUPS})" in func.script()  # column tiles outermost
     lib = tvm.compile(tvm.IRModule({"main": func}), targets.tvm_target(p))
     lib.export_library(str(tmp_path / "g.so"), fcompile=cc.cross_compiler(p.cross_compiler()))
-    x = rng.integers(-128, 128, (m, k)).astype(np.int8)
     np.savez(tmp_path / "in.npz", x, *kern.consts)
     res = run_aarch64(KERNEL_PROBE, str(tmp_path / "g.so"), str(tmp_path / "in.npz"), str(tmp_path / "out.npy"),
                       f"{m},{n}", env={"TVM_USE_RUNTIME_LIB": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
-    want = x.astype(np.int64) @ lin.weight.astype(np.int64).T + lin.bias
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), want)
 
 

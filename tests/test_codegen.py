@@ -9,10 +9,11 @@ import re
 import numpy as np
 import pytest
 import tvm
+from conftest import linear_past_l2
 
 from ibert_tvm import build, targets
 from ibert_tvm.program import INT8, Linear, dyadic
-from ibert_tvm.relay_ops.linear import linear_kernel, raw_epilogue, requant_epilogue
+from ibert_tvm.relay_ops.linear import linear_kernel, requant_epilogue
 from ibert_tvm.schedules import cpu
 
 
@@ -80,19 +81,16 @@ def test_a_weight_past_l2_takes_column_tiles_outermost(preset):
     p = targets.get(preset)
     if not set(p.cpu_flags) <= targets.cpu_flags():
         pytest.skip(f"this CPU lacks {preset}'s instructions")
-    m, n, k, tiles = 64, 1536, 768, (4, 2)
-    assert n * k > cpu.L2_WEIGHT
-    rng = np.random.default_rng(2)
-    lin = Linear(rng.integers(-127, 128, (n, k)).astype(np.int8), rng.integers(-99, 99, n).astype(np.int32))
-    kern = linear_kernel("g", lin, m, raw_epilogue(), "int32", a_shift=p.a_shift)
+    m, tiles = 64, (4, 2)
+    kern, x, want = linear_past_l2(p.a_shift, m, 2)
+    n = kern.out_shape[1]
     func = cpu.schedule(kern.func, cpu.ISAS[p.isa], tiles)
     parallel = re.findall(r"T\.parallel\((\d+)\)", func.script())  # the staged activation's, then the GEMM's
     assert parallel[-1] == str(n // (tiles[1] * 16) * cpu.ROW_GROUPS) and str(m // tiles[0]) not in parallel
     lib = tvm.compile(tvm.IRModule({"main": func}), targets.tvm_target(p))
-    x = rng.integers(-128, 128, (m, k)).astype(np.int8)
     out = tvm.runtime.tensor(np.zeros((m, n), np.int32))
     lib["main"](tvm.runtime.tensor(x), *(tvm.runtime.tensor(c) for c in kern.consts), out)
-    np.testing.assert_array_equal(out.numpy(), x.astype(np.int64) @ lin.weight.astype(np.int64).T + lin.bias)
+    np.testing.assert_array_equal(out.numpy(), want)
 
 
 def test_arm_dotprod_target_uses_sdot():
