@@ -25,6 +25,8 @@ from . import artifact
 from .targets import DEVICE_KINDS, check_runnable
 from .threads import use_threads
 
+CPU_DLPACK = 1  # DLPack's device type of host memory, which numpy reads in place
+
 
 class Runner:
     """A compiled artifact, ready to run.
@@ -96,7 +98,8 @@ class Runner:
         self.scales = {o.name: np.asarray(o.scale) for o in self.outputs}
         self._vm = VirtualMachine(lib, self._dev)
         self._params = params
-        self._inputs: dict[str, list[Any]] = {}  # function -> its input tensors, reused call after call
+        self._inputs: dict[str, tuple[list[np.ndarray], list[Any]]] = {}  # function -> `_staging`
+        self._in_place = rpc is None and self._dev.dlpack_device_type() == CPU_DLPACK
         self._tokenizer = None
 
     def close(self) -> None:
@@ -191,12 +194,12 @@ class Runner:
 
     @staticmethod
     def _in_range(name: str, a: np.ndarray, hi: int, what: str) -> np.ndarray:
-        """`a` as int64 after checking [0, hi) on the values as given (a uint64 2**64-1 stays itself)."""
-        bad = (a < 0) | (a >= hi)
-        if bad.any():
+        """`a` after checking [0, hi) on the values as given (a uint64 2**64-1 stays itself)."""
+        if a.min() < 0 or a.max() >= hi:
+            bad = (a < 0) | (a >= hi)
             shown = sorted({int(v) for v in a[bad].ravel()[:1000].tolist()})[:5]
             raise ValueError(f"{name} outside {what} [0, {hi}): {shown}")
-        return a.astype(np.int64)
+        return a
 
     def run_integer(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> dict[str, Any]:
         """Raw integer outputs (names as transformers), plus `scales`: name -> per-channel scales."""
@@ -208,52 +211,68 @@ class Runner:
     def _run_integer(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> dict[str, Any]:
         raw = self._check("input_ids", input_ids)
         ids = self._in_range("input_ids", raw, self.vocab, "the vocabulary")
-        mask = np.ones_like(ids) if attention_mask is None else self._check("attention_mask", attention_mask, raw, True)
-        types = np.zeros_like(ids) if token_type_ids is None else self._in_range(
+        mask = None if attention_mask is None else self._check("attention_mask", attention_mask, raw, True)
+        if mask is not None and (mask.min() < 0 or mask.max() > 1):
+            raise ValueError("attention_mask must be 0 or 1")
+        types = None if token_type_ids is None else self._in_range(
             "token_type_ids", self._check("token_type_ids", token_type_ids, raw), self.type_vocab,
             "the model's token types")
-        if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError("attention_mask must be 0 or 1")
         n, s = ids.shape[0], ids.shape[-1]
-        # pad to the shortest compiled length that fits and to the rows the planned calls take
+        # padded to the shortest compiled length that fits and to the rows the planned calls take:
+        # (given, padding, value where not given) per input
+        inputs = ((ids, self.pad_id, None), (mask, 0, 1), (types, 0, 0))
         width, calls = self.bucket(s), self.plan(n)
-        padded = []
-        for a, fill in ((ids, self.pad_id), (mask, 0), (types, 0)):
-            p = np.full((sum(calls), *a.shape[1:-1], width), fill, np.int32)
-            p[:n, ..., :s] = a
-            padded.append(p)
-        chunks = self._library.submit(self._invoke, width, calls, *padded).result()
+        chunks = self._library.submit(self._invoke, width, calls, n, s, inputs).result()
         out: dict[str, Any] = {}
         for i, spec in enumerate(self.outputs):
-            val = np.concatenate([c[i] for c in chunks])[:n]
-            axis = spec.seq_axis
-            out[spec.name] = val if axis is None else np.take(val, np.arange(s), axis=axis)
+            val = chunks[0][i] if len(chunks) == 1 else np.concatenate([c[i] for c in chunks])
+            val, axis = val[:n], spec.seq_axis
+            out[spec.name] = val if axis is None or s == width else np.take(val, np.arange(s), axis=axis)
         out["scales"] = self.scales
         return out
 
-    def _invoke(self, width: int, calls: list[int], *inputs: np.ndarray) -> list[list[np.ndarray]]:
-        """The library's calls, on the library thread: one TVM worker pool however many callers."""
+    def _invoke(self, width: int, calls: list[int], n: int, s: int,
+                inputs: tuple[tuple[np.ndarray | None, int, int | None], ...]) -> list[list[np.ndarray]]:
+        """The library's calls, on the library thread: one TVM worker pool however many callers.
+        `n` rows of `s` tokens are given."""
         chunks, r = [], 0
         for batch in calls:
             main = self.functions[batch, width]
-            rows = [a[r : r + batch] for a in inputs]
+            shape = (batch, self.choices, width) if self.choices else (batch, width)
+            host, tensors = self._staging(main, shape, len(inputs))
+            rows = min(batch, n - r)
+            for dst, (a, pad, default) in zip(host, inputs):
+                if rows < batch or s < width:
+                    dst.fill(pad)
+                dst[:rows, ..., :s] = default if a is None else a[r : r + rows]
             r += batch
             if self._session is None:
-                # inputs copied into tensors kept per function (only this thread uses them): a
-                # fresh tensor costs 3x the copy
-                args = self._inputs.get(main)
-                if args is None:
-                    args = self._inputs[main] = [self._tensor(a, self._dev) for a in rows]
-                else:
-                    for t, a in zip(args, rows):
-                        t.copyfrom(a)
-                outputs = self._vm[main](*args, *self._params)
+                if not self._in_place:
+                    for t, h in zip(tensors, host):
+                        t.copyfrom(h)
+                outputs = self._vm[main](*tensors, *self._params)
             else:  # the stateful calls, because over RPC a returned tuple is a remote handle
-                self._vm.set_input(main, *(self._tensor(a, self._dev) for a in rows), *self._params)
+                self._vm.set_input(main, *(self._tensor(h, self._dev) for h in host), *self._params)
                 self._vm.invoke_stateful(main)
                 outputs = self._vm.get_outputs(main)
-            chunks.append([o.numpy() for o in outputs])
+            # in place, each output is a tensor of its own (the library allocates outputs per call):
+            # read where it lies, it lives as long as the array
+            chunks.append([np.from_dlpack(o) if self._in_place else o.numpy() for o in outputs])
         return chunks
+
+    def _staging(self, main: str, shape: tuple[int, ...], count: int) -> tuple[list[np.ndarray], list[Any]]:
+        """Arrays to write a call's inputs into, and the tensors the call takes, kept per function
+        (only the library thread uses them: a fresh tensor costs 3x the copy). On the CPU the
+        arrays are the tensors' own memory, so nothing is copied."""
+        kept = self._inputs.get(main)
+        if kept is None:
+            if self._session is not None:  # tensors made per call from the arrays
+                kept = [np.zeros(shape, np.int32) for _ in range(count)], []
+            else:
+                tensors = [self._tensor(np.zeros(shape, np.int32), self._dev) for _ in range(count)]
+                kept = [np.from_dlpack(t) if self._in_place else np.zeros(shape, np.int32) for t in tensors], tensors
+            self._inputs[main] = kept
+        return kept
 
     def set_instrument(self, fn: Any) -> None:
         """Call `fn(func, symbol, before, ret, *args)` before and after every call the library's VM

@@ -73,6 +73,34 @@ def test_batch_splitting_and_padding_match_single_rows(runner, any_artifact):
         assert together["last_hidden_state"].shape == (5, 9, any_artifact.program.hidden)
 
 
+def test_results_stay_the_callers(runner, any_artifact):
+    """Outputs are read where the library wrote them: a later call of the same function (other
+    inputs) must leave an earlier result as it was, and writing into a result must not reach the
+    next one."""
+    rng = np.random.default_rng(3)
+    names = any_artifact.program.outputs
+    first_in, second_in = random_inputs(rng, 2, SEQ, pads=[0, 4]), random_inputs(rng, 2, SEQ, pads=[2, 0])
+    first = runner.run_integer(*first_in)
+    kept = {n: first[n].copy() for n in names}
+    second = runner.run_integer(*second_in)
+    assert any((second[n] != kept[n]).any() for n in names)
+    assert_same(first, kept, names)
+    again = {n: second[n].copy() for n in names}
+    for n in names:
+        first[n].fill(7)
+        second[n].fill(7)
+    assert_same(runner.run_integer(*second_in), again, names)
+
+
+def test_defaults_for_missing_mask_and_types(runner, any_artifact):
+    """No mask: every given token counts, the padding up to the compiled length none; no token
+    types: all 0. Shorter than the compiled length and fewer rows than the compiled batch."""
+    ids, _ = random_inputs(np.random.default_rng(4), 1, 9)
+    ones, zeros = np.ones_like(ids), np.zeros_like(ids)
+    assert_same(runner.run_integer(ids), runner.run_integer(ids, ones, zeros), any_artifact.program.outputs)
+    assert_same(runner.run_integer(ids), reference.run(any_artifact.program, ids, ones), any_artifact.program.outputs)
+
+
 def test_run_is_integers_times_scales(runner):
     ids, mask, _ = runner.encode(CALIB_TEXTS[:3]).values()
     ints, floats = runner.run_integer(ids, mask), runner.run(ids, mask)
