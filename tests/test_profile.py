@@ -42,7 +42,7 @@ def test_times_are_positive_and_within_the_forward(profiles, kind):
     p = profiles[kind]
     assert p.forward_ms > 0 and all(r.ms > 0 for r in p.roles)
     assert [r.ms for r in p.roles] == sorted((r.ms for r in p.roles), reverse=True)
-    assert len(p.traced) == 5 and all(0 < kernels <= wall for wall, kernels in p.traced)  # the kernels run inside it
+    assert len(p.replayed) == 5 and all(t > 0 for t in p.replayed)
     # medians of separate runs: room for a busy CPU's stalls, none for a unit gone wrong
     assert p.kernels_ms < 20 * p.forward_ms, (p.kernels_ms, p.forward_ms)
 
