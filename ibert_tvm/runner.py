@@ -14,10 +14,10 @@ import ctypes
 import gc
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from .targets import DEVICE_KINDS, check_runnable
 from .threads import use_threads
 
 CPU_DLPACK = 1  # DLPack's device type of host memory, which numpy reads in place
+T = TypeVar("T")
 
 
 class Runner:
@@ -281,6 +282,15 @@ class Runner:
             if self._vm is None:
                 raise RuntimeError(f"this Runner of {self.path} is closed")
             self._vm.set_instrument(fn)
+
+    def on_library_thread(self, fn: Callable[[], T]) -> T:
+        """`fn()` on the library's thread, between calls: what times the library's functions
+        (`ibert-tvm profile` replays a forward's kernels) runs them on the worker pool the calls
+        use; another thread's pool would spin beside it."""
+        with self._lock:
+            if self._vm is None:
+                raise RuntimeError(f"this Runner of {self.path} is closed")
+            return self._library.submit(fn).result()
 
     def run(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> dict[str, np.ndarray]:
         """Float outputs: the integers times their scales."""

@@ -68,9 +68,12 @@ def test_shared_runner_under_threads_equals_sequential(artifact, runner):
 
 def test_closed_runner_refuses_calls(artifact):
     r = Runner(artifact.path)
+    assert r.on_library_thread(lambda: threading.current_thread().name).startswith("ibert-tvm-library")
     r.close()
     with pytest.raises(RuntimeError, match="closed"):
         r.run_integer([[5, 6]])
+    with pytest.raises(RuntimeError, match="closed"):
+        r.on_library_thread(lambda: None)
 
 
 # -- inputs -------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 TVM 0.27's Relax VM has no profiler (no `profile=True`, no `tvm.runtime.profiling`); it has
 `set_instrument`, a callback before and after every call the VM makes. One forward under it records
 the kernels the forward calls, in order, with their arguments; the forward is then replayed, kernel
-by kernel, on those same tensors (intermediates that share memory in the forward share it here too),
-each call timed alone, and grouped by role (`names.kernel_kind`: `qkv` of `b1_s128_l3_qkv`). Timing
+by kernel, on those same tensors (intermediates that share memory in the forward share it here too)
+and on the runner's library thread, each call timed alone (its call from Python included: a few
+microseconds), each replay after a plain forward, and grouped by role (`names.kernel_kind`: `qkv` of `b1_s128_l3_qkv`). Timing
 between the callbacks instead would count their Python work, the conversion of every argument
 included: 5-12% of each kernel's time on MiniLM, more for small ones. The forward's own time is
 measured without any of this, and what the kernels leave of it is the runner's and the VM's share.
@@ -172,16 +173,18 @@ def profile(path: Path, batch: int | None = None, seq: int | None = None, thread
         forward = partial(r.run_integer, ids)
         for _ in range(WARMUP):
             forward()
-        plain = timings(forward, reps)
         recorder = _KernelRecorder(bucket_symbol(batch, seq, ""))
         r.set_instrument(recorder)  # the runner's VM: what it runs is what is timed
         forward()
         r.set_instrument(None)
         used = r.threads
-        time.sleep(SETTLE_S)  # the library thread's idle workers, which would spin beside this thread's
+        replay = partial(r.on_library_thread, partial(_replay, recorder.calls))
         for _ in range(WARMUP):
-            _replay(recorder.calls)
-        replays = [_replay(recorder.calls) for _ in range(reps)]
+            replay()
+        plain, replays = [], []
+        for _ in range(reps):  # interleaved: drift hits both alike
+            plain += timings(forward, 1)
+            replays.append(replay())
     symbols = [s for s, _, _ in recorder.calls]
     shapes = {s: [tuple(a.shape) for a in args] for s, _, args in recorder.calls}
     per_forward = [defaultdict(int) for _ in replays]
