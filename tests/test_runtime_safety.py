@@ -3,6 +3,7 @@ artifacts, signatures, and compiles that never destroy what they did not create.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -74,6 +75,21 @@ def test_closed_runner_refuses_calls(artifact):
         r.run_integer([[5, 6]])
     with pytest.raises(RuntimeError, match="closed"):
         r.on_library_thread(lambda: None)
+
+
+def test_results_outlive_their_runner(artifact):
+    """Outputs are the library's own tensors, read in place: closing the Runner must not free them
+    for a later Runner's calls to reuse."""
+    r = Runner(artifact.path)
+    out = r.run_integer([[5, 6, 7]])
+    kept = {k: v.copy() for k, v in out.items() if k != "scales"}
+    r.close()
+    del r
+    gc.collect()
+    with Runner(artifact.path) as other:
+        other.run_integer([[8, 9, 10, 11]])
+    for k, v in kept.items():
+        np.testing.assert_array_equal(out[k], v)
 
 
 # -- inputs -------------------------------------------------------------------------------------------
