@@ -122,7 +122,6 @@ def build_graph(p: IntProgram, batch: int, seq: int, a_shift: Shift = U8_SHIFT, 
         raise ValueError(f"choices={choices}: only a multiple-choice model takes more than one choice")
     flat = batch * choices
     h, heads, rows = p.hidden, p.heads, flat * seq
-    d = h // heads
     linear = partial(linear_kernel, a_shift=a_shift)
     bb = relax.BlockBuilder()
     ins = [relax.Var(n, relax.TensorType(p.input_shape(batch, seq, choices), "int32")) for n in INPUTS]
@@ -146,10 +145,9 @@ def build_graph(p: IntProgram, batch: int, seq: int, a_shift: Shift = U8_SHIFT, 
                 attn = em.call(
                     linear(
                         n("attn_out"), L.attn_dense, rows, residual_epilogue(L.attn_acc, L.attn_res), "int32",
-                        extra_inputs=(((rows, h), "int8"),), x_shape=(flat, heads, seq, d),
-                        read=lambda t, r, k: t[r // seq, k // d, r % seq, k % d],
+                        extra_inputs=(((rows, h), "int8"),),
                     ),
-                    ctx, x,
+                    em.reshape(ctx, (rows, h)), x,
                 )
                 hmid = em.call(layer_norm_kernel(n("attn_ln"), L.attn_ln, rows, h, RESIDUAL_BOUND), attn)
                 inter = em.call(linear(n("inter"), L.inter, rows, gelu_epilogue(L.gelu, L.inter.acc_bound), "int8"), hmid)

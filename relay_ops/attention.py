@@ -1,8 +1,8 @@
 """Multi-head attention on the stacked int8 QKV activations [B*S, 3H]: three kernels, or one.
 
 scores = Q K^T (int8 x int8 -> int32), i-softmax with integer masking (u8 probabilities at scale
-1/256), context = P V requantized to int8 and laid out [B, heads, S, d] for the next GEMM; or all
-three in one kernel (`attention_kernel`).
+1/256), context = P V requantized to int8 and laid out [B, S, heads, d]: the heads merged, rows the
+next GEMM reads as they lie; or all three in one kernel (`attention_kernel`).
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ def softmax_kernel(name: str, sm: Softmax, batch: int, heads: int, seq: int) -> 
 
 def _context(probs: te.Tensor, qkv: te.Tensor, layer: Layer, batch: int, seq: int, hidden: int, heads: int,
              a_shift: int, consts: Consts) -> te.Tensor:
-    """P V per head, requantized to int8 [batch, heads, seq, d]."""
+    """P V per head, requantized to int8 [batch, seq, heads, d] (each head's products tiled as
+    [batch, heads, seq, d], their outputs stored in the merged order)."""
     d = hidden // heads
     # u8 probabilities enter the GEMM as p - 128 (int8), which its A stage shifts by a_shift: with
     # 128 (x86) that is p itself; with 0 the missing 128 * sum_keys V comes back per column.
@@ -141,7 +142,7 @@ def _context(probs: te.Tensor, qkv: te.Tensor, layer: Layer, batch: int, seq: in
         lambda b, h, i, kk: (probs[b, h, i, kk].astype("int32") - 128),
         vb, packed,
         lambda acc, b, h, i, n: requant(acc + missing * vsum[b, h, n] if vsum is not None else acc, layer.ctx_out, consts),
-        "int8", a_shift,
+        "int8", a_shift, out_axes=(0, 2, 1, 3),
     )
 
 

@@ -5,7 +5,7 @@ which is how the schedules of every device find them (the block names are for re
 - A, the activation, is staged (block "A", `Part.ACTIVATION`) as int8 + a_shift: x86 VNNI
   (`vpdpbusd`) multiplies u8 by s8, so there a_shift is 128 and A is u8; ARM `sdot`, CUDA `dp4a`
   and Intel AMX's `tdpbssd` take s8 x s8 and a_shift is 0. The stage also re-indexes its source
-  (the CLS row, merged heads) for free; with a_shift 0 and no re-indexing it is a plain read,
+  (the CLS row) for free; with a_shift 0 and no re-indexing it is a plain read,
   which a schedule may inline. A target may shift some GEMMs and not others (`Shift`);
 - B, the weight, is packed [N/16, K/4, 16, 4] (block "B_pack", `Part.WEIGHT`, when packed at run
   time; a constant weight is a parameter, packed ahead);
@@ -14,7 +14,9 @@ which is how the schedules of every device find them (the block names are for re
   `Part.WEIGHT_SUMS`). Every flavour therefore produces the same integers: the libraries of all
   targets are bit-identical;
 - the accumulator (block "C", `Part.ACCUMULATOR`) feeds the epilogue (block "O", `Part.EPILOGUE`)
-  tile by tile.
+  tile by tile; the epilogue may lay its output out in another order of the accumulator's axes
+  (attention's context: [B, S, heads, d], the next GEMM's plain rows), which a schedule undoes
+  when it tiles the epilogue (`schedules.parts.epilogue_loops`).
 Shapes whose N is not a multiple of 16 or K not a multiple of 4 use B unpacked.
 """
 
@@ -107,11 +109,13 @@ def int8_matmul(
     out_dtype: str,
     a_shift: int,
     part_key: str = PART_KEY,
+    out_axes: tuple[int, ...] | None = None,
 ) -> te.Tensor:
     """O[*batch, m, n] = epilogue(sum_k (A + a_shift)[.., m, k] * B[.., n, k], *batch, m, n).
 
     The epilogue receives the raw sum: it must subtract the compensation itself (it knows
-    whether it is a constant folded into the bias or a run-time column sum).
+    whether it is a constant folded into the bias or a run-time column sum). `out_axes`: O's
+    axes as the accumulator's, O's axis i being the accumulator's axis out_axes[i].
     """
     def staged(*i: Expr) -> Expr:
         a = a_int8(*i)
@@ -128,5 +132,13 @@ def int8_matmul(
         name="C",
         attrs=Part.ACCUMULATOR.attrs(part_key),
     )
-    return te.compute((*batch, m, n), lambda *i: epilogue(acc[i], *i).astype(out_dtype), name="O",
-                      attrs=Part.EPILOGUE.attrs(part_key))
+    shape = (*batch, m, n)
+    axes = out_axes or tuple(range(len(shape)))
+    if sorted(axes) != list(range(len(shape))):
+        raise ValueError(f"out_axes {out_axes} is no order of the accumulator's {len(shape)} axes")
+
+    def out(*o: Expr) -> Expr:
+        i = [o[axes.index(a)] for a in range(len(shape))]
+        return epilogue(acc[tuple(i)], *i).astype(out_dtype)
+
+    return te.compute(tuple(shape[a] for a in axes), out, name="O", attrs=Part.EPILOGUE.attrs(part_key))

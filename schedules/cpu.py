@@ -26,7 +26,7 @@ from tvm.ir.expr import TensorLoad
 from ibert_tvm.relay_ops.gemm import B_ABOVE_INT8_MIN, FIRST_PART_KEY, GROUP, LANES, U8_SHIFT, packable
 
 from .intrin import AMX_K, AMX_M, AMX_N, AVX2_INTRIN, AVX2_SIGN_INTRIN, SDOT_INTRIN, VNNI_INTRIN, amx_intrin
-from .parts import GemmParts, gemm_parts
+from .parts import GemmParts, epilogue_loops, gemm_parts
 
 
 @dataclass(frozen=True)
@@ -159,13 +159,13 @@ def _extents(sch: s_tir.Schedule, block) -> list[int]:
 
 
 def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, intrin: str | None, tiles: Tiles | None) -> bool:
-    c, o = parts.accumulator, parts.epilogue
+    c = parts.accumulator
     *batch, m, n, k = _extents(sch, c)
     if not packable(n, k):
         return False
     amx = isa.matrix and amx_fits(m, n, k)
     mb, nb = (AMX_M, amx_columns(n, not batch) // LANES) if amx else tiles or default_tiles(m, n, isa)
-    *bl, oi, oj = sch.get_loops(o)
+    *bl, oi, oj = epilogue_loops(sch, parts)
     oi0, oi1 = sch.split(oi, [None, mb])
     oj0, oj1 = sch.split(oj, [None, nb * LANES])
     # A linear layer whose weight outgrows L2 takes column blocks outermost, each block read from

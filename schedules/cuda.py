@@ -35,7 +35,7 @@ from tvm.script import tirx as T
 from ibert_tvm.relay_ops.gemm import unpack_index
 
 from . import mma
-from .parts import GemmParts, gemm_parts
+from .parts import GemmParts, epilogue_loops, gemm_parts
 
 THREADS = 256  # threads per block for rowwise / generic kernels
 SPATIAL = 0  # IterVar.iter_type
@@ -234,7 +234,7 @@ def _stage_operands(sch: s_tir.Schedule, parts: GemmParts, ko, kc: int, threads:
 
 def _gemm_dp4a(sch: s_tir.Schedule, parts: GemmParts, t: GemmTiles) -> str:
     """Register tiles of `__dp4a` (or plain multiply-adds), one thread per micro tile."""
-    c, out = parts.accumulator, parts.epilogue
+    c = parts.accumulator
     a_buf, b_buf = _operands(sch, parts)
     m, n, k = _mnk(sch, parts)
     ti, vi = _fit(m, t.threads_i, t.micro_i)
@@ -246,7 +246,7 @@ def _gemm_dp4a(sch: s_tir.Schedule, parts: GemmParts, t: GemmTiles) -> str:
     # accumulator tile stays in registers. (C is moved to the epilogue, not the reverse: the
     # epilogue may read other producers, e.g. column sums, that come after C.)
     sch.set_scope(c, 0, "local")
-    *ob, oi, oj = sch.get_loops(out)
+    *ob, oi, oj = epilogue_loops(sch, parts)
     bi, ti_l, vi_l = sch.split(oi, [None, ti, vi])
     bj, tj_l, vj_l = sch.split(oj, [None, tj, vj])
     sch.reorder(bi, bj, ti_l, tj_l, vi_l, vj_l)
@@ -278,14 +278,14 @@ def _gemm_mma(sch: s_tir.Schedule, parts: GemmParts, shape: str, t: MmaTiles) ->
     """Warp tiles of `mma.sync` (schedules.mma): each warp owns fi x fj accumulator tiles in its
     lanes' registers, loads its A and B fragments from the shared stages with `ldmatrix` per 32 k,
     and runs the epilogue on the accumulator fragments, each lane on the elements it holds."""
-    c, out = parts.accumulator, parts.epilogue
+    c = parts.accumulator
     m, n, k = _mnk(sch, parts)
     wi, fi = _fit(m // mma.TILE_M, t.warps_i, t.frags_i)
     wj, fj = _fit(n // mma.TILE_N, t.warps_j, t.frags_j)
     kc = next(d for d in (t.k_chunk, mma.TILE_K) if k % d == 0)
 
     sch.set_scope(c, 0, "warp")
-    *ob, oi, oj = sch.get_loops(out)
+    *ob, oi, oj = epilogue_loops(sch, parts)
     bi, wi_l, fi_l, ii = sch.split(oi, [None, wi, fi, mma.TILE_M])
     bj, wj_l, fj_l, jj = sch.split(oj, [None, wj, fj, mma.TILE_N])
     sch.reorder(bi, bj, wi_l, wj_l, fi_l, fj_l, ii, jj)

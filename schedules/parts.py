@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tvm import s_tir
-from tvm.s_tir.schedule import SBlockRV
+from tvm.s_tir.schedule import LoopRV, SBlockRV
 
 from ibert_tvm.relay_ops.gemm import PART_KEY, Part
 
@@ -45,3 +45,17 @@ def gemm_parts(sch: s_tir.Schedule, key: str = PART_KEY) -> GemmParts | None:
     one = {role: blocks[0] for role, blocks in found.items()}
     return GemmParts(one[Part.ACTIVATION], one[Part.ACCUMULATOR], one[Part.EPILOGUE], one.get(Part.WEIGHT),
                      one.get(Part.WEIGHT_SUMS), tuple(found.get(None, ())))
+
+
+def epilogue_loops(sch: s_tir.Schedule, parts: GemmParts) -> list[LoopRV]:
+    """The epilogue's loops in the order of the accumulator's axes (batch.., rows, columns), which
+    every schedule tiles: reordered first where the epilogue lays its output out in another order
+    (`relay_ops.gemm.int8_matmul`'s `out_axes`)."""
+    loops = sch.get_loops(parts.epilogue)
+    block = sch.get(parts.epilogue)
+    acc = sch.get(parts.accumulator).writes[0].source
+    read = next(r for r in block.reads if r.source.same_as(acc))
+    axes = [next(i for i, iv in enumerate(block.iter_vars) if iv.var.same_as(r.min)) for r in read.region]
+    if axes != sorted(axes):
+        sch.reorder(*[loops[i] for i in axes])
+    return [loops[i] for i in axes]

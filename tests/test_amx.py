@@ -54,7 +54,7 @@ def test_linear_on_the_tiles_equals_numpy(n, k, a_shift, product):
 @pytest.mark.parametrize("a_shift", [0, U8_SHIFT], ids=["s8", "u8"])
 def test_attention_context_on_the_tiles_equals_numpy(a_shift):
     """P V per head over 256 keys (K >= 256: on the tiles; the encoder shapes of the bit-exact
-    tests have fewer keys), requantized to int8 in the [batch, heads, keys, d] layout; the
+    tests have fewer keys), requantized to int8 in the [batch, keys, heads, d] layout; the
     probabilities staged as s8 (p - 128, the V sums making up for it) or as u8."""
     host = amx_host()
     batch, seq, hidden, heads = 2, 256, 256, 2
@@ -69,7 +69,7 @@ def test_attention_context_on_the_tiles_equals_numpy(a_shift):
     out = tvm.runtime.tensor(np.zeros(k.out_shape, k.out_dtype))
     lib["main"](tvm.runtime.tensor(probs), tvm.runtime.tensor(qkv), *map(tvm.runtime.tensor, k.consts), out)
     v = qkv[:, 2 * hidden :].reshape(batch, seq, heads, d).transpose(0, 2, 1, 3).astype(np.int64)
-    want = reference.requant(probs.astype(np.int64) @ v, layer.ctx_out)
+    want = reference.requant(probs.astype(np.int64) @ v, layer.ctx_out).transpose(0, 2, 1, 3)
     assert len(np.unique(want)) > 100
     np.testing.assert_array_equal(out.numpy(), want)
 

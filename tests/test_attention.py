@@ -27,7 +27,7 @@ def expected(qkv: np.ndarray, mask: np.ndarray, layer, heads: int) -> np.ndarray
 
     scores = (head(0) @ head(1).transpose(0, 1, 3, 2)).astype(np.int32)
     probs = reference.softmax(scores, mask[:, None, None, :], layer.softmax)
-    return reference.requant(probs.astype(np.int64) @ head(2), layer.ctx_out)
+    return reference.requant(probs.astype(np.int64) @ head(2), layer.ctx_out).transpose(0, 2, 1, 3)  # [b, s, heads, d]
 
 
 def isas() -> list[str]:

@@ -69,7 +69,7 @@ def test_attention_products_of_the_three_kernel_form():
     qkv = (flat * seq, 3 * heads * d)
     assert prof.gemm_of("scores", "s", [qkv, (flat, heads, seq, seq)], {}) == prof.Gemm(flat * heads, seq, d, seq)
     probs = (flat, heads, seq, seq)
-    assert prof.gemm_of("context", "c", [probs, qkv, (flat, heads, seq, d)], {}) == prof.Gemm(flat * heads, seq, seq, d)
+    assert prof.gemm_of("context", "c", [probs, qkv, (flat, seq, heads, d)], {}) == prof.Gemm(flat * heads, seq, seq, d)
 
 
 def test_floor_is_measured_for_gemms_only(profiles):

@@ -120,8 +120,8 @@ def gemm_of(kind: str, kernel: str, shapes: list[tuple[int, ...]], params: dict[
     if kind == "scores":  # [rows, 3 * hidden] -> [flat, heads, seq, seq]: Q K^T per head
         flat, heads, seq, _ = out
         return Gemm(flat * heads, seq, shapes[0][-1] // 3 // heads, seq)
-    if kind == "context":  # probs [flat, heads, seq, seq] -> [flat, heads, seq, d]: P V per head
-        flat, heads, seq, d = out
+    if kind == "context":  # probs [flat, heads, seq, seq] -> [flat, seq, heads, d]: P V per head
+        flat, seq, heads, d = out
         return Gemm(flat * heads, seq, seq, d)
     return None
 
