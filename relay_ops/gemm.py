@@ -137,8 +137,10 @@ def int8_matmul(
     if sorted(axes) != list(range(len(shape))):
         raise ValueError(f"out_axes {out_axes} is no order of the accumulator's {len(shape)} axes")
 
+    where = [axes.index(a) for a in range(len(shape))]  # the accumulator's axis a is O's axis where[a]
+
     def out(*o: Expr) -> Expr:
-        i = [o[axes.index(a)] for a in range(len(shape))]
+        i = [o[w] for w in where]
         return epilogue(acc[tuple(i)], *i).astype(out_dtype)
 
     return te.compute(tuple(shape[a] for a in axes), out, name="O", attrs=Part.EPILOGUE.attrs(part_key))

@@ -5,10 +5,11 @@ TVM 0.27's Relax VM has no profiler (no `profile=True`, no `tvm.runtime.profilin
 the kernels the forward calls, in order, with their arguments; the forward is then replayed, kernel
 by kernel, on those same tensors (intermediates that share memory in the forward share it here too)
 and on the runner's library thread, each call timed alone (its call from Python included: a few
-microseconds), each replay after a plain forward, and grouped by role (`names.kernel_kind`: `qkv` of `b1_s128_l3_qkv`). Timing
-between the callbacks instead would count their Python work, the conversion of every argument
-included: 5-12% of each kernel's time on MiniLM, more for small ones. The forward's own time is
-measured without any of this, and what the kernels leave of it is the runner's and the VM's share.
+microseconds), each replay after a plain forward. Times are grouped by role (`names.kernel_kind`:
+`qkv` of `b1_s128_l3_qkv`). Timing between the callbacks instead would count their Python work,
+the conversion of every argument included: 5-12% of each kernel's time on MiniLM, more for small
+ones. The forward's own time is measured without any of this, and what the kernels leave of it is
+the runner's and the VM's share.
 A GEMM's throughput is set against the same products run by `torch._int_mm` (oneDNN) at the same
 thread count: the machine's INT8 floor.
 """
