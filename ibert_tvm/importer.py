@@ -18,6 +18,7 @@ from torch import nn
 from transformers.models.ibert import modeling_ibert as hf
 from transformers.models.ibert import quant_modules as qm
 
+from . import reference
 from .model_classes import REGISTRY
 from .program import (
     EXP_CONST,
@@ -214,16 +215,48 @@ def convert_layer(m: hf.IBertLayer, s_in: Scale, act_scale: Callable[[qm.QuantAc
 
 
 def gelu_of(lin: Linear, s_acc: np.ndarray, out_scales: list[Scale], out_clamp: tuple[int, int] = INT8) -> Gelu:
-    """i-GELU on the per-channel accumulator of `lin`, then requantization to each of `out_scales`."""
+    """i-GELU on the per-channel accumulator of `lin`, then requantization to each of `out_scales`.
+
+    Two choices of ours (README, Integer semantics), each well below the output's resolution:
+    - `one` is minus erf's saturated value for x < 0, not HF's floor(1 / S_erf), which differs by
+      a unit or two in 2**21: 1 + erf is then exactly 0 in the negative tail, the output stops
+      changing at x = b there, and the window over which it changes stays near [b, -b].
+    - The first requantization's mantissa is narrowed, down to 4 bits more than the output has, until
+      x * m fits int32 over that window (`gelu_narrow_bits`): the kernels then form x * m * (erf +
+      one) from 32-bit products.
+    """
     sp = s_acc / GELU_K
     b = np.floor(GELU_COEF[1] / sp).astype(np.int64)
     c = np.floor(GELU_COEF[2] / sp**2).astype(np.int64)
     s_erf = sp**2 * GELU_COEF[0] * 2.0**Gelu.ERF_SHIFT
-    one = np.floor(1.0 / s_erf).astype(np.int64)
+    one = -((-c) >> Gelu.ERF_SHIFT)
     g_bound = lin.acc_bound * Gelu.multiplier_bound(b, c, one)
-    out = [dyadic(s_acc * s_erf / 2 / out_scales[0], g_bound, clamp=out_clamp)]
-    out += [dyadic(a / b, 128, clamp=INT8) for a, b in zip(out_scales, out_scales[1:])]
-    return Gelu(b=b, c=c, one=one, out=out)
+    ratio = s_acc * s_erf / 2 / out_scales[0]
+    rest = [dyadic(s0 / s1, 128, clamp=INT8) for s0, s1 in zip(out_scales, out_scales[1:])]
+
+    def with_bits(bits: int) -> Gelu:
+        return Gelu(b=b, c=c, one=one, out=[dyadic(ratio, g_bound, out_clamp, bits), *rest])
+
+    return with_bits(gelu_narrow_bits(with_bits, lin.acc_bound, out_clamp))
+
+
+def gelu_narrow_bits(with_bits: Callable[[int], Gelu], acc_bound: int, out_clamp: tuple[int, int]) -> int:
+    """The widest mantissa (of the first requantization) for which |x| * |m| < 2**31 over the
+    window where the output changes (`reference.gelu_flat_from`), if it keeps 4 bits more than the
+    output's; else 31, the most `dyadic` allows (the kernels then multiply in int64). The window
+    shrinks a little as m narrows, so each try measures it again."""
+    least = int(out_clamp[1]).bit_length() + 5
+    g = with_bits(31)
+    for _ in range(4):
+        bits = int(np.abs(g.out[0].m).max() - 1).bit_length()  # a mantissa may round up to 2**bits
+        lo, hi = reference.gelu_flat_from(g, acc_bound)
+        excess = int((np.maximum(-lo, hi) * np.abs(g.out[0].m)).max()).bit_length() - 31
+        if excess <= 0:
+            return bits
+        if bits - excess < least:
+            break
+        g = with_bits(bits - excess)
+    return 31
 
 
 def convert_head(dense: nn.Linear, out_proj: nn.Linear | None, s_in: Scale) -> tuple[Head, np.ndarray | None]:

@@ -51,10 +51,11 @@ class Requant:
         top = self.bound * int(np.abs(self.m).max()) + (1 << (int(self.e.max()) - 1))
         return top < 2**31
 
-    def saturation(self) -> int | None:
-        """The least w from which every |x| >= w clamps every channel (None without a clamp), so
-        that clamping x to [-w, w] first changes no output. For |m| at x = +-w: x * m + 2**(e-1)
-        reaches hi * 2**e on one side and stays below (lo + 1) * 2**e on the other."""
+    def saturations(self) -> np.ndarray | None:
+        """Per channel, the least w from which every |x| >= w clamps (None without a clamp, or
+        where some m is 0), so that clamping x to [-w, w] first changes no output. For |m| at
+        x = +-w: x * m + 2**(e-1) reaches hi * 2**e on one side and stays below (lo + 1) * 2**e on
+        the other."""
         if self.lo is None:
             return None
         m = np.abs(self.m.astype(object))
@@ -64,19 +65,24 @@ class Requant:
         half = two_e // 2
         top = -((half - self.hi * two_e) // m)  # ceil((hi * 2**e - half) / |m|)
         bottom = (half - (self.lo + 1) * two_e) // m + 1
-        return int(np.max(np.maximum(top, bottom)))
+        return np.maximum(top, bottom)
+
+    def saturation(self) -> int | None:
+        """The least w from which every |x| >= w clamps every channel (`saturations`)."""
+        w = self.saturations()
+        return None if w is None else int(np.max(w))
 
 
-def dyadic(ratio: Any, in_bound: int, clamp: tuple[int, int] | None = None) -> Requant:
+def dyadic(ratio: Any, in_bound: int, clamp: tuple[int, int] | None = None, max_bits: int = 31) -> Requant:
     """Approximate ``x * ratio`` by ``x * m >> e`` for |x| <= in_bound, without int64 overflow.
 
     ``ratio`` may be signed (i-GELU's scale is negative). The mantissa keeps as many bits as the
-    input bound allows, at most 31 as in HF's ``batch_frexp``; inputs of 8 bits get 22 bits, so
-    that the product fits int32 (relative error 2**-22, far below an int8 step).
+    input bound allows, at most `max_bits` (31 as in HF's ``batch_frexp``); inputs of 8 bits get 22
+    bits, so that the product fits int32 (relative error 2**-22, far below an int8 step).
     """
     r = np.asarray(ratio, dtype=np.float64)
     width = max(1, int(in_bound)).bit_length()
-    bits = SMALL_INPUT_BITS if width <= 8 else min(31, PRODUCT_BITS - 1 - width)
+    bits = min(max_bits, SMALL_INPUT_BITS if width <= 8 else min(31, PRODUCT_BITS - 1 - width))
     if bits < 8:
         raise ValueError(f"requantization input bound {in_bound} leaves only {bits} mantissa bits")
     mant, exp = np.frexp(np.abs(r))

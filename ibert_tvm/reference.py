@@ -13,6 +13,7 @@ from .program import (
     INT16,
     INT22,
     PRODUCT_BITS,
+    Gelu,
     IExp,
     IntProgram,
     Layer,
@@ -95,11 +96,34 @@ def softmax(scores: np.ndarray, mask: np.ndarray, sm: Softmax) -> np.ndarray:
     return np.minimum(p, 255).astype(np.uint8)
 
 
-def gelu(acc: np.ndarray, g) -> np.ndarray:
+def gelu(acc: np.ndarray, g: Gelu) -> np.ndarray:
     x = acc.astype(I64)
     a = np.minimum(np.abs(x), -g.b)
     erf = (np.sign(x) * ((a + g.b) ** 2 + g.c)) >> g.ERF_SHIFT
     return chain(x * (erf + g.one), g.out)
+
+
+def gelu_flat_from(g: Gelu, acc_bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the accumulators (lo, hi) beyond which the i-GELU output no longer changes, up
+    to +-acc_bound: clamping x to [lo, hi] first is exact. Past +-b erf is saturated, the product
+    linear in x and its requantization monotone, so each is a bisection of the reference between
+    -b (or b) and the bound."""
+    nb = np.minimum(-g.b.astype(np.int64), acc_bound)
+
+    def last_change(start: np.ndarray, end: int) -> np.ndarray:
+        """The x nearest `start` on its way to `end` whose output equals the output at `end`, and
+        so does every x beyond it."""
+        def out(x: np.ndarray) -> np.ndarray:
+            return gelu(x[None], g)[0]
+        near, far = start.copy(), np.full_like(start, end)
+        goal = out(far)
+        while (near != far).any():
+            mid = (near + far) // 2 if end > 0 else -((-near - far) // 2)
+            same = out(mid) == goal
+            far, near = np.where(same, mid, far), np.where(same, near, mid + np.sign(end))
+        return far
+
+    return last_change(-nb, -acc_bound), last_change(nb, acc_bound)
 
 
 def tanh(acc: np.ndarray, t: Tanh) -> np.ndarray:

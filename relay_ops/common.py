@@ -69,15 +69,22 @@ def rshift_round(x: tvm.ir.expr.Expr, e: tvm.ir.expr.Expr, dtype: str = I64) -> 
     return (x + (one << (e - one))) >> e
 
 
-def requant(x: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.expr.Expr | None = None) -> tvm.ir.expr.Expr:
+def requant(x: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.expr.Expr | None = None,
+            bound: np.ndarray | None = None) -> tvm.ir.expr.Expr:
     """``clamp((x * m + 2**(e-1)) >> e)``, with m, e immediates or per-channel constant tensors;
-    in int32 when the requantization's bound allows (half the vector work of int64). Per channel,
-    the rounding term is a constant tensor too: computing it per element (a variable shift and a
-    subtraction per vector) cost 6% of the i-GELU GEMM's time."""
+    in int32 when the requantization's bound allows (half the vector work of int64), else per
+    channel as the high half of two int32s where x (|x| <= `bound`, per channel, default rq.bound)
+    leaves room for it (`high_half_lift`). Per channel, the rounding term is a constant tensor
+    too: computing it per element (a variable shift and a subtraction per vector) cost 6% of the
+    i-GELU GEMM's time."""
     dt = "int32" if rq.fits_int32 else I64
     if not rq.per_channel:
         m, e = tirx.const(int(rq.m), dt), tirx.const(int(rq.e), dt)
         return clamp(rshift_round(x.astype(dt) * m, e, dt).astype(I64), rq.lo, rq.hi)
+    lift = high_half_lift(rq, rq.bound if bound is None else bound)
+    if dt == I64 and lift is not None:
+        m = consts.add(rq.m.astype("int32"), "m")[ch]
+        return rescale(high_half(x.astype("int32") << channel_shift(lift, consts, ch), m), rq, consts, ch, 32 - lift)
     # an int32 table of m even for int64 products: a product with a sign-extended 32-bit value is
     # one `vpmuldq` where LLVM can pair it that way (i-GELU's x * (erf + one) * m), not `vpmullq`
     m_dt = "int32" if int(np.abs(rq.m).max()) < 2**31 else I64
@@ -85,8 +92,27 @@ def requant(x: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.expr.Ex
     return rescale(x.astype(dt) * m, rq, consts, ch)
 
 
+def high_half_lift(rq: Requant, bound: np.ndarray | int) -> np.ndarray | None:
+    """Per channel, the left shift s of x (|x| <= `bound`, per channel or for all) for which the
+    high half of (x << s) * m, an int32 times m's int32, holds every bit the rounding shift keeps:
+    e - (32 - s) >= 1, with x << s still int32. None if some channel has none."""
+    if int(np.abs(rq.m).max()) >= 2**31:
+        return None
+    need = np.maximum(0, 33 - rq.e.astype(np.int64))
+    # one shift for every channel if it fits (an immediate), else each channel's least
+    for s in (np.full_like(need, need.max()), need):
+        if (np.asarray(bound, dtype=object) * np.left_shift(1, s.astype(object)) < 2**31).all():
+            return s
+    return None
+
+
+def channel_shift(s: np.ndarray, consts: Consts, ch: tvm.ir.expr.Expr) -> tvm.ir.expr.Expr:
+    """Per-channel int32 shift amounts: an immediate where every channel's is the same."""
+    return tirx.const(int(s.max()), "int32") if (s == s.max()).all() else consts.add(s.astype("int32"), "shift")[ch]
+
+
 def rescale(product: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.expr.Expr,
-            dropped: int = 0) -> tvm.ir.expr.Expr:
+            dropped: np.ndarray | int = 0) -> tvm.ir.expr.Expr:
     """A per-channel requantization of x whose product x * m the caller formed (in its dtype):
     ``clamp((product + 2**(e-1)) >> e)``. With `dropped` low bits already shifted off (the
     product's `high_half`: 32, for every e > 32) the rest of the shift is e - dropped, exact since

@@ -3,6 +3,8 @@ and the integer approximations' error against the real functions."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tvm
@@ -11,11 +13,12 @@ from hypothesis import strategies as st
 
 from ibert_tvm import reference, targets
 from ibert_tvm.importer import gelu_of, iexp, tanh_of
-from ibert_tvm.program import EXP_CONST, INT16, Linear, Softmax
+from ibert_tvm.program import EXP_CONST, INT16, INT22, Linear, Softmax, dyadic
+from ibert_tvm.reference import gelu_flat_from
 from ibert_tvm.relay_ops.attention import softmax_kernel
-from ibert_tvm.relay_ops.common import Consts, iexp_bounds, make_kernel
+from ibert_tvm.relay_ops.common import Consts, high_half_lift, iexp_bounds, make_kernel
 from ibert_tvm.relay_ops.common import iexp as iexp_expr
-from ibert_tvm.relay_ops.linear import gelu_epilogue, gelu_flat_from, gelu_window, linear_kernel, tanh_epilogue
+from ibert_tvm.relay_ops.linear import gelu_epilogue, gelu_window, linear_kernel, residual_epilogue, tanh_epilogue
 from ibert_tvm.schedules import cpu
 
 
@@ -113,16 +116,23 @@ def gelu_kernel(g, acc_bound: int, rows: int):
     return make_kernel("gelu", "elementwise", [acc], out, consts)
 
 
-@pytest.mark.parametrize("acc_scale, folds", [(1e-5, True), (2e-5, False)], ids=["window", "int64"])
-def test_gelu_epilogue_equals_reference_at_its_clamps(acc_scale, folds):
+@pytest.mark.parametrize("acc_scale, coarse, folds", [(1e-5, None, True), (1.4e-5, 1e-3, True), (1e-5, 3e-4, False)],
+                         ids=["window", "window-lifted", "int64"])
+def test_gelu_epilogue_equals_reference_at_its_clamps(acc_scale, coarse, folds):
     """Accumulators at, beside and past the window where the output changes (`gelu_flat_from`),
-    at +-b and at the accumulator's bound: the clamp changes no output."""
+    at +-b and at the accumulator's bound: the clamp changes no output. Every fourth channel gets
+    the `coarse` accumulator scale if given: then some requantizations shift by e <= 32
+    (erf + one lifted, as in MiniLM), or (int64) no mantissa of 12 bits keeps x * m in int32."""
     n = 48
     rng = np.random.default_rng(3)
     lin = Linear(rng.integers(-127, 127, (n, 768)).astype(np.int8), rng.integers(-9000, 9000, n).astype(np.int32))
-    g = gelu_of(lin, acc_scale * rng.uniform(0.5, 1.5, n), [0.03, 0.035])
+    s_acc = acc_scale * rng.uniform(0.5, 1.5, n)
+    if coarse:
+        s_acc[::4] = coarse
+    g = gelu_of(lin, s_acc, [0.03, 0.035])
     bound = lin.acc_bound
     assert (gelu_window(g, bound) is not None) == folds
+    assert not folds or (g.out[0].e <= 32).any() == (coarse is not None)
     lo, hi = gelu_flat_from(g, bound)
     nb = -g.b
     rows = [lo, lo - 1, lo + 1, hi, hi - 1, hi + 1, nb, -nb, nb - 1, 1 - nb, 0 * nb, 0 * nb + bound, 0 * nb - bound]
@@ -153,6 +163,47 @@ def test_gelu_epilogue_equals_reference_on_every_accumulator_up_to_b():
     want = reference.gelu(acc, g)
     assert len(np.unique(want)) > 100
     np.testing.assert_array_equal(run_kernel(gelu_kernel(g, lin.acc_bound, len(acc)), acc), want)
+
+
+def residual_kernel(acc_rq, res_rq, rows: int, n: int):
+    """The residual epilogue alone: int32 accumulators and int8 residuals [rows, channels]."""
+    from tvm import te
+
+    consts = Consts("res")
+    acc = te.placeholder((rows, n), "int32", name="acc")
+    res = te.placeholder((rows, n), "int8", name="res")
+    f = residual_epilogue(acc_rq, res_rq)
+    out = te.compute(acc.shape, lambda i, j: f(acc(i, j), j, consts, [res], i).astype("int32"), name="O")
+    return make_kernel("residual", "elementwise", [acc, res], out, consts)
+
+
+@pytest.mark.parametrize("coarse", [None, 2.0**-3], ids=["one-clamp", "per-channel-clamps"])
+def test_residual_epilogue_equals_reference_at_its_clamps(coarse):
+    """The accumulator is clamped where its requantized value takes the sum past 22 bits whatever
+    the residual adds; at, beside and past each channel's clamp, at the bound and at 0, with the
+    residual at its extremes, the output is the reference's. Every other channel gets a `coarse`
+    ratio if given (and the rest a finer one): then no one clamp suits every channel's shift."""
+    n = 32
+    rng = np.random.default_rng(5)
+    bound = 1536 * 128 * 127  # an ffn_out's accumulator
+    ratio = 2.0**7 * rng.uniform(0.5, 1.5, n)
+    if coarse:
+        ratio[::2], ratio[1::2] = coarse * rng.uniform(0.5, 1.5, n // 2), 4 * ratio[1::2]
+    acc_rq, res_rq = dyadic(ratio, bound), dyadic(2.0**13 * rng.uniform(0.5, 1.5, n), 128)
+    reach = int(np.abs(reference.requant(np.array([-128, 127])[:, None], res_rq)).max()) + 1
+    w = np.minimum(dataclasses.replace(acc_rq, lo=INT22[0] - reach, hi=INT22[1] + reach).saturations(), bound)
+    w = w.astype(np.int64)
+    assert (w < bound).any() and (high_half_lift(acc_rq, int(w.max())) is None) == (coarse is not None)
+    rows = [w, w - 1, w + 1, -w, 1 - w, -w - 1, 2 * w, -2 * w, 0 * w, 0 * w + bound, 0 * w - bound]
+    acc = np.concatenate([np.stack(rows), rng.integers(-bound, bound + 1, (16, n)),
+                          rng.integers(-2 * w, 2 * w + 1, (16, n))])
+    acc = np.clip(np.concatenate([acc, acc, acc]), -bound, bound).astype(np.int32)
+    third = len(acc) // 3
+    res = np.concatenate([np.full((third, n), -128), np.full((third, n), 127), rng.integers(-128, 128, (third, n))])
+    res = res.astype(np.int8)
+    want = reference.residual(acc, res, acc_rq, res_rq)
+    assert (want == INT22[1]).any() and (want == INT22[0]).any() and len(np.unique(want)) > 100
+    np.testing.assert_array_equal(run_kernel(residual_kernel(acc_rq, res_rq, len(acc), n), acc, res), want)
 
 
 def test_tanh_kernel_matches_reference_and_tanh():
