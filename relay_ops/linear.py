@@ -183,10 +183,15 @@ def tanh_epilogue(t: Tanh) -> Epilogue:
     """tanh(x) = sign(x) (1 - E) / (1 + E), E = i-exp(-2|x|) in Q15; int8 out at scale 1/127."""
     def f(acc, j, consts, extras, i):
         x = requant(acc, t.to_fixed, consts, j)
-        e = iexp(c64(-2) * tirx.abs(x), t.exp)
-        one = c64(1 << Tanh.EXP_FRAC)
-        mag = tirx.floordiv(c64(2 * Tanh.OUT_SCALE) * (one - e) + (one + e), c64(2) * (one + e))
-        return tirx.Select(x < c64(0), -mag, mag)
+        # |x| as max(x, -x) and the sign as (mag ^ s) - s: with abs and a select TVM's simplifier
+        # specialized the whole expression to each sign, two divisions per output
+        e = iexp(c64(-2) * tirx.max(x, -x), t.exp).astype("int32")  # in [0, one]
+        one = tirx.const(1 << Tanh.EXP_FRAC, "int32")
+        # operands positive and below 2**24: a 32-bit truncating division (`idiv` lane by lane)
+        mag = tirx.truncdiv(tirx.const(2 * Tanh.OUT_SCALE, "int32") * (one - e) + (one + e),
+                            tirx.const(2, "int32") * (one + e))
+        s = (x >> c64(63)).astype("int32")
+        return opaque_sum(mag ^ s, -s)
     return f
 
 

@@ -174,7 +174,9 @@ def _gemm(sch: s_tir.Schedule, parts: GemmParts, isa: Isa, intrin: str | None, t
     # (roberta-base's forward 15% faster at 8x128, 22% at 1x128). One that fits takes row tiles
     # outermost, like the kernels around it: each core then reads the rows it wrote itself
     # (MiniLM at 8x128 on AMX: 7% faster whole; its VNNI GEMMs 10-30% slower column-first).
-    columns_first = not bl and n * k > L2_WEIGHT
+    # A single row tile (the pooler's first tokens) takes column blocks outermost too: else its
+    # one parallel iteration leaves every core but one idle.
+    columns_first = not bl and (n * k > L2_WEIGHT or m <= mb)
     outer, inner = (oj0, oi0) if columns_first else (oi0, oj0)
     sch.reorder(outer, inner, oi1, oj1)
     if columns_first:
