@@ -250,7 +250,7 @@ def gelu_narrow_bits(with_bits: Callable[[int], Gelu], acc_bound: int, out_clamp
     for _ in range(4):
         bits = int(np.abs(g.out[0].m).max() - 1).bit_length()  # a mantissa may round up to 2**bits
         lo, hi = reference.gelu_flat_from(g, acc_bound)
-        excess = int((np.maximum(-lo, hi) * np.abs(g.out[0].m)).max()).bit_length() - 31
+        excess = reference.gelu_window_product(g, lo, hi).bit_length() - 31
         if excess <= 0:
             return bits
         if bits - excess < least:

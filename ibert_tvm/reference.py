@@ -126,6 +126,11 @@ def gelu_flat_from(g: Gelu, acc_bound: int) -> tuple[np.ndarray, np.ndarray]:
     return last_change(-nb, -acc_bound), last_change(nb, acc_bound)
 
 
+def gelu_window_product(g: Gelu, lo: np.ndarray, hi: np.ndarray) -> int:
+    """The largest |x| * |m| of the first requantization for x in the window [lo, hi]."""
+    return int((np.maximum(-lo, hi) * np.abs(g.out[0].m)).max())
+
+
 def tanh(acc: np.ndarray, t: Tanh) -> np.ndarray:
     x = requant(acc, t.to_fixed)
     e = iexp(-2 * np.abs(x), t.exp)

@@ -108,7 +108,7 @@ def gelu_window(g: Gelu, acc_bound: int) -> tuple[np.ndarray, np.ndarray] | None
     if int(np.abs(g.b).max()) >= 2**31 or not first.per_channel or Gelu.multiplier_bound(g.b, g.c, g.one) >= 2**31:
         return None
     lo, hi = reference.gelu_flat_from(g, acc_bound)
-    return (lo, hi) if int((np.maximum(-lo, hi) * np.abs(first.m)).max()) < 2**31 else None
+    return (lo, hi) if reference.gelu_window_product(g, lo, hi) < 2**31 else None
 
 
 def gelu_epilogue(g: Gelu, acc_bound: int) -> Epilogue:
