@@ -84,7 +84,8 @@ def requant(x: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.expr.Ex
     lift = high_half_lift(rq, rq.bound if bound is None else bound)
     if dt == I64 and lift is not None:
         m = consts.add(rq.m.astype("int32"), "m")[ch]
-        return rescale(high_half(x.astype("int32") << channel_shift(lift, consts, ch), m), rq, consts, ch, 32 - lift)
+        lifted = x.astype("int32") << channel_values(lift, consts, ch, "shift")
+        return rescale(high_half(lifted, m), rq, consts, ch, 32 - lift)
     # an int32 table of m even for int64 products: a product with a sign-extended 32-bit value is
     # one `vpmuldq` where LLVM can pair it that way (i-GELU's x * (erf + one) * m), not `vpmullq`
     m_dt = "int32" if int(np.abs(rq.m).max()) < 2**31 else I64
@@ -106,9 +107,16 @@ def high_half_lift(rq: Requant, bound: np.ndarray | int) -> np.ndarray | None:
     return None
 
 
-def channel_shift(s: np.ndarray, consts: Consts, ch: tvm.ir.expr.Expr) -> tvm.ir.expr.Expr:
-    """Per-channel int32 shift amounts: an immediate where every channel's is the same."""
-    return tirx.const(int(s.max()), "int32") if (s == s.max()).all() else consts.add(s.astype("int32"), "shift")[ch]
+def channel_values(v: np.ndarray, consts: Consts, ch: tvm.ir.expr.Expr, name: str) -> tvm.ir.expr.Expr:
+    """Per-channel int32 constants (shifts, clamps): an immediate where every channel's is the same."""
+    return tirx.const(int(v.max()), "int32") if (v == v.max()).all() else consts.add(v.astype("int32"), name)[ch]
+
+
+def with_sign(v: tvm.ir.expr.Expr, s: tvm.ir.expr.Expr) -> tvm.ir.expr.Expr:
+    """v for s == 0, -v for s == -1 (int32), as (v ^ s) - s: a select would have TVM's simplifier
+    specialize the whole expression of v to each sign. Opaque (`opaque_sum`): LLVM would
+    distribute a product of the result over a plain add."""
+    return opaque_sum(v ^ s, -s)
 
 
 def rescale(product: tvm.ir.expr.Expr, rq: Requant, consts: Consts, ch: tvm.ir.expr.Expr,

@@ -18,7 +18,7 @@ from .common import (
     Kernel,
     c64,
     chain,
-    channel_shift,
+    channel_values,
     clamp,
     high_half,
     high_half_lift,
@@ -27,6 +27,7 @@ from .common import (
     opaque_sum,
     requant,
     rescale,
+    with_sign,
 )
 from .gemm import B_ABOVE_INT8_MIN, U8_SHIFT, Shift, compensation, int8_matmul, pack_weight, packable, shift_of
 
@@ -91,11 +92,7 @@ def residual_epilogue(acc_rq: Requant, res_rq: Requant) -> Epilogue:
 
     def f(acc, j, consts, extras, i):
         if w is not None:
-            if (w == w[0]).all():
-                acc = clamp(acc, -int(w[0]), int(w[0]))
-            else:
-                acc = tirx.min(tirx.max(acc, consts.add((-w).astype("int32"), "wlo")[j]),
-                               consts.add(w.astype("int32"), "whi")[j])
+            acc = tirx.min(tirx.max(acc, channel_values(-w, consts, j, "wlo")), channel_values(w, consts, j, "whi"))
         s = requant(acc, acc_rq, consts, j, w).astype(sum_dt)
         return clamp(s + requant(extras[0][i, j], res_rq, consts, j).astype(sum_dt), *INT22)
     return f
@@ -145,19 +142,19 @@ def gelu_epilogue(g: Gelu, acc_bound: int) -> Epilogue:
         low = tirx.reinterpret("int32", (u.astype("uint32") * u.astype("uint32")) & tirx.const(mask, "uint32"))
         carry = (low + cl + (s & tirx.const(mask, "int32"))) >> tirx.const(shift, "int32")
         e = ch + high_half(uk, uk) + carry
-        return opaque_sum(e ^ s, -s)  # opaque: LLVM would distribute the product with x * m over it
+        return with_sign(e, s)
 
     def f(acc, j, consts, extras, i):
         nb = consts.add((-g.b).astype(dt), "gnb")[j]
         x = acc.astype(dt)
         if window is not None:
-            lo, hi = (consts.add(v.astype("int32"), name)[j] for v, name in zip(window, ("glo", "ghi")))
+            lo, hi = (channel_values(v, consts, j, name) for v, name in zip(window, ("glo", "ghi")))
             x = tirx.min(tirx.max(x, lo), hi)
         # (min(|x|, -b) + b)**2 as u**2 with u = max(-b - |x|, 0) in [0, -b]; |x| as max(x, -x): TVM
         # lowers abs to a select that the simplifier then pushes through the square
         u = tirx.max(nb - tirx.max(x, -x), tirx.const(0, dt))
-        # sign(x) * v as (v ^ s) - s with s = -1 for x < 0 (at x == 0 the erf value is multiplied
-        # by x == 0 anyway): a select would have TVM's simplifier specialize the polynomial to each sign
+        # sign(x) * v as (v ^ s) - s with s = -1 for x < 0 (`with_sign`; at x == 0 the erf value is
+        # multiplied by x == 0 anyway)
         if narrow_erf:  # t = erf + one, int32
             one = consts.add(g.one.astype("int32"), "g1")[j]
             t = opaque_sum(_erf32(u, x >> tirx.const(31, "int32"), consts, j), one)
@@ -172,8 +169,7 @@ def gelu_epilogue(g: Gelu, acc_bound: int) -> Epilogue:
         if lift is None:
             product = rescale(xm.astype(I64) * t.astype(I64), first, consts, j)
         else:
-            if lift.any():
-                t = t << channel_shift(lift, consts, j)
+            t = t << channel_values(lift, consts, j, "shift")
             product = rescale(high_half(xm, t), first, consts, j, 32 - lift)
         return chain(product, g.out[1:], consts, j)
     return f
@@ -183,15 +179,14 @@ def tanh_epilogue(t: Tanh) -> Epilogue:
     """tanh(x) = sign(x) (1 - E) / (1 + E), E = i-exp(-2|x|) in Q15; int8 out at scale 1/127."""
     def f(acc, j, consts, extras, i):
         x = requant(acc, t.to_fixed, consts, j)
-        # |x| as max(x, -x) and the sign as (mag ^ s) - s: with abs and a select TVM's simplifier
+        # |x| as max(x, -x) and the sign by `with_sign`: with abs and a select TVM's simplifier
         # specialized the whole expression to each sign, two divisions per output
         e = iexp(c64(-2) * tirx.max(x, -x), t.exp).astype("int32")  # in [0, one]
         one = tirx.const(1 << Tanh.EXP_FRAC, "int32")
         # operands positive and below 2**24: a 32-bit truncating division (`idiv` lane by lane)
         mag = tirx.truncdiv(tirx.const(2 * Tanh.OUT_SCALE, "int32") * (one - e) + (one + e),
                             tirx.const(2, "int32") * (one + e))
-        s = (x >> c64(63)).astype("int32")
-        return opaque_sum(mag ^ s, -s)
+        return with_sign(mag, (x >> c64(63)).astype("int32"))
     return f
 
 
