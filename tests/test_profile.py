@@ -77,17 +77,34 @@ def test_floor_is_measured_for_gemms_only(profiles):
     assert p.floor is None
     for r in p.roles:
         if r.gemm is None:
-            assert r.floor_ms is None and r.gops is None and r.of_floor is None
+            assert r.floor_ms is r.hot_ms is r.gops is r.of_floor is r.hot_of_floor is None
         else:
             assert r.floor_ms > 0 and r.gops == pytest.approx(r.gemm.ops * r.calls / r.ms / 1e6)
             assert r.of_floor == pytest.approx(r.floor_ms / r.ms)
-    assert "--no-floor" in profiles["IBertForSequenceClassification"].floor
+            assert r.hot_of_floor == pytest.approx(r.floor_ms / r.hot_ms)
+    unfloored = profiles["IBertForSequenceClassification"]
+    assert "--no-floor" in unfloored.floor
+    assert all(r.floor_ms is r.of_floor is r.hot_of_floor is None for r in unfloored.roles)
+
+
+@pytest.mark.parametrize("kind", sorted(HEAD_ROLES))
+def test_hot_time_is_each_gemm_call_repeated(profiles, kind):
+    """Our GEMM kernels repeated on their operands: every call timed, none of the other kernels."""
+    for r in profiles[kind].roles:
+        assert (r.hot_ms is None) == (r.gemm is None), r
+        if r.hot_ms is not None:
+            # at least the call's Python overhead each, and no more than the replays' worst forward
+            assert r.calls * 1e-4 < r.hot_ms < max(profiles[kind].replayed), r
 
 
 def test_table_has_the_columns_and_the_setting(profiles):
     p = profiles["IBertModel"]
     text = prof.table(p)
-    assert "| role | calls | total ms | % of forward | GOP/s | fraction of floor |" in text
+    assert ("| role | calls | total ms | % of forward | GOP/s | fraction of floor | hot ms | hot fraction of floor |"
+            in text)
+    inter = next(line for line in text.splitlines() if line.startswith("| inter (+GELU) "))
+    r = next(r for r in p.roles if r.name == "inter")
+    assert inter.split("|")[7:9] == [f" {r.hot_ms:.3f} ", f" {r.hot_of_floor:.0%} "]
     assert p.cpu in text and f"{p.threads} threads" in text and f"batch x seq {BATCH}x{SEQ}" in text
     rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     assert set(rows[1:]) == {prof.ABOUT.get(r.name, r.name) for r in p.roles} | {prof.OTHER}

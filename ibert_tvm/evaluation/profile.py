@@ -11,7 +11,9 @@ the conversion of every argument included: 5-12% of each kernel's time on MiniLM
 ones. The forward's own time is measured without any of this, and what the kernels leave of it is
 the runner's and the VM's share.
 A GEMM's throughput is set against the same products run by `torch._int_mm` (oneDNN) at the same
-thread count: the machine's INT8 floor.
+thread count, repeated on the same operands (their best time): the machine's INT8 floor. Two
+fractions: our time in the forward against it (our operands as cold as the forward leaves them,
+oneDNN's hot), and our kernels' own calls repeated the same way (both hot: kernel against kernel).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class Role:
     calls: int  # kernel calls of this role in one forward
     ms: float  # their time in one forward (median over the timed forwards)
     gemm: Gemm | None  # the products of one call; None: not a matrix product
+    hot_ms: float | None = None  # GEMMs: each call repeated on its operands (best of the reps), summed
     floor_ms: float | None = None  # torch._int_mm on the same products, `calls` times (best of the reps)
 
     @property
@@ -77,8 +80,13 @@ class Role:
 
     @property
     def of_floor(self) -> float | None:
-        """Our throughput as a fraction of oneDNN's on the same products."""
+        """Our throughput in the forward as a fraction of oneDNN's on the same products, hot."""
         return self.floor_ms / self.ms if self.floor_ms is not None and self.ms > 0 else None
+
+    @property
+    def hot_of_floor(self) -> float | None:
+        """Our kernels' throughput as a fraction of oneDNN's, both repeated on their operands."""
+        return self.floor_ms / self.hot_ms if self.floor_ms is not None and self.hot_ms else None
 
 
 @dataclass(frozen=True)
@@ -153,6 +161,17 @@ def _replay(calls: list[tuple[str, Any, tuple[Any, ...]]]) -> list[int]:
     return out
 
 
+def _hot_ms(calls: list[tuple[str, Any, tuple[Any, ...]]], reps: int) -> float:
+    """ms of recorded kernel calls, each repeated on its recorded arguments: its best time, summed."""
+    total = 0.0
+    for _, func, args in calls:
+        call = partial(func, *args)
+        for _ in range(WARMUP):
+            call()
+        total += min(timings(call, reps))
+    return total * 1e3
+
+
 def profile(path: Path, batch: int | None = None, seq: int | None = None, threads: int | None = None,
             reps: int = 20, floor: bool = True) -> Profile:
     """Time `reps` forwards of one bucket of the artifact at `path`, kernel by kernel."""
@@ -186,20 +205,24 @@ def profile(path: Path, batch: int | None = None, seq: int | None = None, thread
         for _ in range(reps):  # interleaved: drift hits both alike
             plain += timings(forward, 1)
             replays.append(replay())
-    symbols = [s for s, _, _ in recorder.calls]
-    shapes = {s: [tuple(a.shape) for a in args] for s, _, args in recorder.calls}
+        symbols = [s for s, _, _ in recorder.calls]
+        shapes = {s: [tuple(a.shape) for a in args] for s, _, args in recorder.calls}
+        first = {}  # each role's first call: its kernels share their shapes
+        for s in symbols:
+            first.setdefault(kernel_kind(s), s)
+        gemms = {kind: gemm_of(kind, s.removeprefix(recorder.prefix), shapes[s], params) for kind, s in first.items()}
+        hot = {kind: r.on_library_thread(partial(_hot_ms, [c for c in recorder.calls if kernel_kind(c[0]) == kind],
+                                                 reps)) for kind, g in gemms.items() if g is not None}
     per_forward = [defaultdict(int) for _ in replays]
     for totals, times in zip(per_forward, replays):
         for s, ns in zip(symbols, times):
             totals[kernel_kind(s)] += ns
     roles = []
-    for kind in dict.fromkeys(kernel_kind(s) for s in symbols):
+    for kind in first:
         if kind not in ROLES:  # still timed; its products, if any, are not counted
             log.warning("kernel kind %r is no role profile knows (evaluation/profile.py ROLES)", kind)
-        mine = [s for s in symbols if kernel_kind(s) == kind]
-        kernel = mine[0].removeprefix(recorder.prefix)
-        roles.append(Role(kind, len(mine), statistics.median(t[kind] for t in per_forward) / 1e6,
-                          gemm_of(kind, kernel, shapes[mine[0]], params)))
+        roles.append(Role(kind, sum(kernel_kind(s) == kind for s in symbols),
+                          statistics.median(t[kind] for t in per_forward) / 1e6, gemms[kind], hot.get(kind)))
     why = None if floor else "not measured (--no-floor)"
     if floor and importlib.util.find_spec("torch") is None:
         why = f"not measured: it {install_hint(['torch'])}"
@@ -239,17 +262,23 @@ def table(p: Profile) -> str:
               + (f"; INT8 GEMM floor {p.floor}" if p.floor else "")
               + (f"; untimed calls (in {OTHER}): {', '.join(p.strays)}" if p.strays else "")),
              "",
-             "| role | calls | total ms | % of forward | GOP/s | fraction of floor |",
-             "|---|---|---|---|---|---|"]
-    rest = p.forward_ms - p.kernels_ms
-    rows = [(ABOUT.get(r.name, r.name), str(r.calls), r.ms, r.gops, r.of_floor) for r in p.roles]
-    rows.append((OTHER, "", rest, None, None))
-    for name, calls, ms, gops, of_floor in sorted(rows, key=lambda row: -row[2]):
-        lines.append(f"| {name} | {calls} | {ms:.3f} | {ms / p.forward_ms:.1%} | "
-                     f"{'' if gops is None else f'{gops:.1f}'} | {'' if of_floor is None else f'{of_floor:.0%}'} |")
-    lines += ["", ("GOP/s: 2*M*N*K over the role's time; fraction of floor: torch._int_mm (oneDNN) on the same "
-                   f"products at {p.threads} threads (best time) over our time. {OTHER}: the forward less its "
-                   "kernels (input checks, padding, the VM's allocations and copies).")]
+             "| role | calls | total ms | % of forward | GOP/s | fraction of floor | hot ms | hot fraction of floor |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def cell(v: float | None, form: str) -> str:
+        return "" if v is None else format(v, form)
+
+    rows = [(ABOUT.get(r.name, r.name), str(r.calls), r.ms, r.gops, r.of_floor, r.hot_ms, r.hot_of_floor)
+            for r in p.roles]
+    rows.append((OTHER, "", p.forward_ms - p.kernels_ms, None, None, None, None))
+    for name, calls, ms, gops, of_floor, hot, hot_of_floor in sorted(rows, key=lambda row: -row[2]):
+        lines.append(f"| {name} | {calls} | {ms:.3f} | {ms / p.forward_ms:.1%} | {cell(gops, '.1f')} | "
+                     f"{cell(of_floor, '.0%')} | {cell(hot, '.3f')} | {cell(hot_of_floor, '.0%')} |")
+    lines += ["", (f"GOP/s: 2*M*N*K over the role's time in the forward; floor: torch._int_mm (oneDNN) on the same "
+                   f"products at {p.threads} threads, repeated on the same operands (best time); fraction of floor: "
+                   "its time over ours in the forward (our operands as cold as the forward leaves them); hot: our "
+                   "kernels' calls repeated the same way (kernel against kernel). "
+                   f"{OTHER}: the forward less its kernels (input checks, padding, the VM's allocations and copies).")]
     return "\n".join(lines)
 
 
@@ -261,7 +290,8 @@ def plot(p: Profile, png: Path) -> None:
     names = [ABOUT.get(r.name, r.name) for r in p.roles]
     ms = [r.ms for r in p.roles]
     labels = [f"{r.ms:.2f} ms ({r.ms / p.forward_ms:.0%})" + (f", {r.gops:.0f} GOP/s" if r.gops else "")
-              + (f", {r.of_floor:.0%} of floor" if r.of_floor else "") for r in p.roles]
+              + (f", {r.of_floor:.0%} of floor ({r.hot_of_floor:.0%} hot)" if r.of_floor and r.hot_of_floor else "")
+              for r in p.roles]
     fig, ax = pyplot().subplots(figsize=(9, 1.2 + 0.35 * len(names)))
     bars(ax, names, ms, labels, [bool(r.gemm) for r in p.roles],
          "ms per forward, all calls of the role (orange: INT8 GEMMs)", 1.6)
