@@ -145,3 +145,25 @@ def test_bad_artifact_is_named(tmp_path, capsys):
         prof.profile(tmp_path)
     assert cli.main(["profile", str(tmp_path / "missing")]) == 2
     assert "is not an ibert-tvm artifact (no manifest.json)" in capsys.readouterr().err
+
+
+def test_each_call_checks_the_inputs_not_the_weights(artifact):
+    """Relax checks a function's parameters on every call, two VM builtins each; the weights are
+    the artifact's hash-checked tensors (`num_input`), so only the inputs are checked."""
+    import numpy as np
+
+    from ibert_tvm.runner import Runner
+
+    seen: list[str] = []
+
+    def record(func, symbol, before, ret, *args) -> int:
+        if before:
+            seen.append(symbol)
+        return 0
+
+    with Runner(artifact.path, threads=1) as r:
+        r.set_instrument(record)
+        r.run_integer(np.ones((BATCH, SEQ), np.int64))
+        r.set_instrument(None)
+    inputs = len(artifact_module.read(artifact.path).inputs)
+    assert seen.count("vm.builtin.check_tensor_info") == seen.count("vm.builtin.match_shape") == inputs
