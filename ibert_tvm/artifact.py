@@ -33,6 +33,7 @@ import numpy as np
 
 from .files import readable
 from .manifest import FORMAT_VERSION, ArtifactError, Manifest, canonical, first_difference, is_plain_name
+from .memory import Arena, aligned
 from .signing import SIGNATURE, sign, verify  # ed25519 over the manifest's bytes (compile --sign-key)
 
 __all__ = ["ArtifactError", "FORMAT_VERSION", "Manifest", "Staging", "read", "write", "write_dir", "reuse"]
@@ -119,9 +120,11 @@ def read(path: Path, verify_key: Any = None, check_files: bool = True) -> Manife
     return manifest
 
 
-def load_params(folder: Path, manifest: Manifest, place: Callable[[np.ndarray], T]) -> list[T]:
+def load_params(folder: Path, manifest: Manifest, place: Callable[[np.ndarray], T], huge_pages: bool = False) -> list[T]:
     """`place(array)` of each of the manifest's parameters, read one at a time in file order while
-    the whole file is hashed; then the hash and the sealed manifest copy are checked.
+    the whole file is hashed; then the hash and the sealed manifest copy are checked. With
+    `huge_pages` the parameters are read into one buffer on transparent huge pages (`memory`),
+    which their arrays are views of: `place` may keep them without a copy.
 
     Plain reads, not safetensors' memory map: the mapped file counts in the process's resident
     memory as it is read, which raised the runner's peak by the parameters' size again.
@@ -150,11 +153,13 @@ def load_params(folder: Path, manifest: Manifest, place: Callable[[np.ndarray], 
         wanted = set(manifest.params)
         placed: dict[str, T] = {}
         pos = 0
-        for name, start, end, dtype, shape in _tensor_entries(header, total - 8 - size, where):
+        entries = _tensor_entries(header, total - 8 - size, where)
+        arena = Arena(sum(aligned(e[2] - e[1]) for e in entries if e[0] in wanted)) if huge_pages else None
+        for name, start, end, dtype, shape in entries:
             if start < pos:
                 raise ArtifactError(f"{where}: tensor {name!r} overlaps another")
             take(start - pos)
-            arr = np.empty(shape, dtype)
+            arr = arena.empty(shape, dtype) if arena is not None and name in wanted else np.empty(shape, dtype)
             if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
                 raise ArtifactError(f"{where}: tensor {name!r} is truncated")
             h.update(memoryview(arr).cast("B"))

@@ -77,8 +77,11 @@ class Runner:
             self.threads = use_threads(threads)
             self._dev = device_kind.runtime_device(m.target)
         self._tensor = tvm.runtime.tensor
-        # parameters before the library: nothing of the artifact runs until every byte is verified
-        params = artifact.load_params(self.path, m, lambda a: a if rpc else self._tensor(a, self._dev))
+        host = rpc is None and self._dev.dlpack_device_type() == CPU_DLPACK
+        # parameters before the library: nothing of the artifact runs until every byte is verified.
+        # On the host they stay where they were read, on huge pages (`memory`): TVM takes views.
+        params = artifact.load_params(self.path, m, tvm.runtime.from_dlpack if host else
+                                      lambda a: a if rpc else self._tensor(a, self._dev), huge_pages=host)
         if rpc:
             from .remote import connect
 
@@ -100,7 +103,7 @@ class Runner:
         self._vm = VirtualMachine(lib, self._dev)
         self._params = params
         self._inputs: dict[str, tuple[list[np.ndarray], list[Any]]] = {}  # function -> `_staging`
-        self._in_place = rpc is None and self._dev.dlpack_device_type() == CPU_DLPACK
+        self._in_place = host
         self._tokenizer = None
 
     def close(self) -> None:
