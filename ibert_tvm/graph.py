@@ -164,8 +164,8 @@ def build_graph(p: IntProgram, batch: int, seq: int, a_shift: Shift = U8_SHIFT, 
             result = bb.emit_output(relax.Tuple(outs))
         bb.emit_func_output(result, params=[*ins, *em.param_vars])
     module = bb.get()
-    # Relax checks every parameter's dtype, rank and shape on every call (two VM builtins each: 0.2
-    # ms of MiniLM's 2.5 ms forward at 1x128); with `num_input` only the inputs are checked, the
+    # Relax checks every parameter's dtype, rank and shape on every call (two VM builtins each: 0.1
+    # ms of MiniLM's 2.4 ms forward at 1x128); with `num_input` only the inputs are checked, the
     # weights only where their shapes are dynamic (never). They are the artifact's hash-checked
     # tensors, placed by the runner in the manifest's order.
     module[name] = module[name].with_attr("num_input", len(ins))

@@ -78,10 +78,14 @@ class Runner:
             self._dev = device_kind.runtime_device(m.target)
         self._tensor = tvm.runtime.tensor
         host = rpc is None and self._dev.dlpack_device_type() == CPU_DLPACK
-        # parameters before the library: nothing of the artifact runs until every byte is verified.
-        # On the host they stay where they were read, on huge pages (`memory`): TVM takes views.
-        params = artifact.load_params(self.path, m, tvm.runtime.from_dlpack if host else
-                                      lambda a: a if rpc else self._tensor(a, self._dev), huge_pages=host)
+
+        def place(a: np.ndarray) -> Any:
+            if host:  # the parameters stay where they were read, on huge pages (`memory`): TVM takes views
+                return tvm.runtime.from_dlpack(a)
+            return a if rpc else self._tensor(a, self._dev)  # over RPC: uploaded once the session is open
+
+        # parameters before the library: nothing of the artifact runs until every byte is verified
+        params = artifact.load_params(self.path, m, place, huge_pages=host)
         if rpc:
             from .remote import connect
 

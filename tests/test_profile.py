@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 
+import numpy as np
 import pytest
 
 from ibert_tvm import artifact as artifact_module
@@ -12,6 +13,7 @@ from ibert_tvm import cli
 from ibert_tvm.evaluation import profile as prof
 from ibert_tvm.manifest import Bucket
 from ibert_tvm.names import kernel_kind
+from ibert_tvm.runner import Runner
 
 # the session artifacts are CPU libraries: scores, softmax and context are one attention kernel
 LAYER_ROLES = {"qkv", "attention", "attn_out", "attn_ln", "inter", "ffn_out", "ffn_ln"}
@@ -150,10 +152,6 @@ def test_bad_artifact_is_named(tmp_path, capsys):
 def test_each_call_checks_the_inputs_not_the_weights(artifact):
     """Relax checks a function's parameters on every call, two VM builtins each; the weights are
     the artifact's hash-checked tensors (`num_input`), so only the inputs are checked."""
-    import numpy as np
-
-    from ibert_tvm.runner import Runner
-
     seen: list[str] = []
 
     def record(func, symbol, before, ret, *args) -> int:

@@ -281,14 +281,15 @@ def _worker(conn, name: str, model: str, ids: np.ndarray, threads: int, lib: Pat
         return
     conn.send("ready")
     while (reps := conn.recv()) > 0:
-        for _ in range(WARMUP):
-            fn()
-        conn.send(timings(fn, reps))
+        conn.send(timings(fn, reps, warmup=WARMUP))
     conn.send(peak_rss_mib())
 
 
-def timings(fn: Callable[[], object], reps: int, budget_s: float = float("inf")) -> list[float]:
-    """Seconds of each of `reps` calls of `fn`, fewer when they add up to `budget_s` first (at least one)."""
+def timings(fn: Callable[[], object], reps: int, budget_s: float = float("inf"), warmup: int = 0) -> list[float]:
+    """Seconds of each of `reps` calls of `fn`, fewer when they add up to `budget_s` first (at least one),
+    after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
     out: list[float] = []
     while len(out) < reps and (not out or sum(out) < budget_s):
         t = time.perf_counter()

@@ -232,9 +232,7 @@ def time_all(rows: list[Row], runner: Any, expected: Any, models: dict[str, Any]
         ids, mask, _ = expected_of(expected, row.shape)
         fn = torch_forward(models[name], ids, mask) if name in models else lambda: runner.run_integer(ids, mask)
         try:
-            for _ in range(WARMUP):
-                fn()
-            row.ms[name] = statistics.median(timings(fn, reps, min(CELL_S, left / (len(cells) - i)))) * 1e3
+            row.ms[name] = statistics.median(timings(fn, reps, min(CELL_S, left / (len(cells) - i)), WARMUP)) * 1e3
         except Exception as err:  # noqa: BLE001 - one system's failure leaves the others' numbers
             failed[name] = f"{name} failed at {key(*row.shape)}, not timed further: {type(err).__name__}: {err}"[:400]
         say(f"timed {name} at {key(*row.shape)}: {row.ms.get(name, float('nan')):.3f} ms")

@@ -163,13 +163,7 @@ def _replay(calls: list[tuple[str, Any, tuple[Any, ...]]]) -> list[int]:
 
 def _hot_ms(calls: list[tuple[str, Any, tuple[Any, ...]]], reps: int) -> float:
     """ms of recorded kernel calls, each repeated on its recorded arguments: its best time, summed."""
-    total = 0.0
-    for _, func, args in calls:
-        call = partial(func, *args)
-        for _ in range(WARMUP):
-            call()
-        total += min(timings(call, reps))
-    return total * 1e3
+    return sum(min(timings(partial(func, *args), reps, warmup=WARMUP)) for _, func, args in calls) * 1e3
 
 
 def profile(path: Path, batch: int | None = None, seq: int | None = None, threads: int | None = None,
@@ -206,22 +200,22 @@ def profile(path: Path, batch: int | None = None, seq: int | None = None, thread
             plain += timings(forward, 1)
             replays.append(replay())
         symbols = [s for s, _, _ in recorder.calls]
-        shapes = {s: [tuple(a.shape) for a in args] for s, _, args in recorder.calls}
-        first = {}  # each role's first call: its kernels share their shapes
-        for s in symbols:
-            first.setdefault(kernel_kind(s), s)
-        gemms = {kind: gemm_of(kind, s.removeprefix(recorder.prefix), shapes[s], params) for kind, s in first.items()}
-        hot = {kind: r.on_library_thread(partial(_hot_ms, [c for c in recorder.calls if kernel_kind(c[0]) == kind],
-                                                 reps)) for kind, g in gemms.items() if g is not None}
+        by_kind = defaultdict(list)  # role -> its calls, in order (its kernels share their shapes)
+        for call in recorder.calls:
+            by_kind[kernel_kind(call[0])].append(call)
+        gemms = {kind: gemm_of(kind, s.removeprefix(recorder.prefix), [tuple(a.shape) for a in args], params)
+                 for kind, [(s, _, args), *_] in by_kind.items()}
+        hot = {kind: r.on_library_thread(partial(_hot_ms, by_kind[kind], reps))
+               for kind, g in gemms.items() if g is not None}
     per_forward = [defaultdict(int) for _ in replays]
     for totals, times in zip(per_forward, replays):
         for s, ns in zip(symbols, times):
             totals[kernel_kind(s)] += ns
     roles = []
-    for kind in first:
+    for kind, calls in by_kind.items():
         if kind not in ROLES:  # still timed; its products, if any, are not counted
             log.warning("kernel kind %r is no role profile knows (evaluation/profile.py ROLES)", kind)
-        roles.append(Role(kind, sum(kernel_kind(s) == kind for s in symbols),
+        roles.append(Role(kind, len(calls),
                           statistics.median(t[kind] for t in per_forward) / 1e6, gemms[kind], hot.get(kind)))
     why = None if floor else "not measured (--no-floor)"
     if floor and importlib.util.find_spec("torch") is None:
@@ -246,9 +240,7 @@ def _with_floor(roles: list[Role], threads: int, reps: int) -> list[Role]:
         if r.gemm is not None:
             g = r.gemm
             run = int8_gemms([(g.m, g.k, g.n)] * g.count, r.calls)
-            for _ in range(WARMUP):
-                run()
-            r = replace(r, floor_ms=min(timings(run, reps)) * 1e3)
+            r = replace(r, floor_ms=min(timings(run, reps, warmup=WARMUP)) * 1e3)
         out.append(r)
     return out
 
