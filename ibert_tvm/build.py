@@ -43,11 +43,12 @@ def tune_graph(graph: Graph, preset: targets.Preset, trials: int | None = None, 
         if not key:
             raise ValueError("tuning through an RPC tracker needs the device key (--key)")
         remote.check_tracker(tracker, key)  # fail fast, with the address, if nobody answers
-        measure = tuning.rpc_measure(target, remote.parse_address(tracker), key, preset.cross_compiler())
+        measure = tuning.rpc_measure(target, preset.device_kind.compile, remote.parse_address(tracker), key,
+                                      preset.cross_compiler())
     else:
         targets.check_runnable(preset.arch, list(preset.cpu_flags))
         use_threads()
-        measure = tuning.local_measure(target)
+        measure = tuning.local_measure(target, preset.device_kind.compile)
     return tuning.tune(graph.module, preset.target["mcpu"], cpu.ISAS[preset.isa], measure, trials, records, progress,
                        seconds)
 

@@ -49,6 +49,32 @@ def _scheduler(preset: Preset, records: Path) -> KernelSchedule:
     return schedule
 
 
+TIR_PIPELINE = "ibert_cpu"
+
+
+def _register_tir_pipeline() -> None:
+    """TVM's s_tir pipeline, with the kernels' own buffers on the stack (`schedules.stack_buffers`)
+    before the host's builtins are lowered."""
+    import tvm
+    from tvm import tirx
+
+    from ibert_tvm.schedules.stack_buffers import stack_buffers
+
+    if TIR_PIPELINE in tirx.compilation_pipeline.PIPELINE_MAP:
+        return
+
+    def pipeline() -> tuple:
+        passes, host, device = tirx.get_tir_pipeline("s_tir")
+        return passes, lambda: tvm.transform.Sequential([stack_buffers, host()]), device
+
+    tirx.register_tir_pipeline(TIR_PIPELINE, pipeline)
+
+
+def _compile(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
+    _register_tir_pipeline()
+    return tvm_compile(mod, target, TIR_PIPELINE)
+
+
 def _export(executable: relax.VMExecutable, path: Path, preset: Preset) -> None:
     from tvm.support import cc
 
@@ -63,4 +89,4 @@ def _runtime_device(target: Target) -> tvm.runtime.Device:
 
 
 CPU = Device("cpu", tunable=True, a_shift=_a_shift, fused_attention=True, tvm_target=_tvm_target,
-             scheduler=_scheduler, compile=tvm_compile, export=_export, runtime_device=_runtime_device)
+             scheduler=_scheduler, compile=_compile, export=_export, runtime_device=_runtime_device)

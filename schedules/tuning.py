@@ -88,10 +88,14 @@ def _signature(func: tvm.tirx.PrimFunc) -> list[tuple[list[int], str]]:
     return [([int(d) for d in b.shape], str(b.dtype)) for b in func.params]
 
 
-def local_measure(target: tvm.target.Target) -> Measure:
-    """Time kernels on this machine (the thread count is whatever the pool was given)."""
+Compile = Callable[[tvm.IRModule, tvm.target.Target], tvm.runtime.Executable]  # the device's (`Device.compile`)
+
+
+def local_measure(target: tvm.target.Target, build: Compile) -> Measure:
+    """Time kernels, built as `build` builds them, on this machine (the thread count is whatever
+    the pool was given)."""
     def measure(func: tvm.tirx.PrimFunc) -> float:
-        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target).jit()
+        lib = build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target).jit()
         args = _random_args(_signature(func), tvm.cpu())
         return lib.time_evaluator("main", tvm.cpu(), number=10, repeat=3)(*args).median
     return measure
@@ -103,10 +107,10 @@ def alloc_remote_args(session, device, args_info, alloc_repeat: int) -> list[lis
     return [_random_args(shapes, device) for _ in range(alloc_repeat)]
 
 
-def rpc_measure(target: tvm.target.Target, tracker: tuple[str, int], key: str, cross: str | None,
+def rpc_measure(target: tvm.target.Target, build: Compile, tracker: tuple[str, int], key: str, cross: str | None,
                 timeout: float = 300) -> Measure:
     """Time kernels on a device of kind `key` from an RPC tracker, with MetaSchedule's RPC runner:
-    each kernel is built here (cross-compiled if needed), uploaded and timed there."""
+    each kernel is built here as `build` builds it (cross-linked if needed), uploaded and timed there."""
     from tvm.s_tir import meta_schedule as ms
     from tvm.support import cc
 
@@ -120,7 +124,7 @@ def rpc_measure(target: tvm.target.Target, tracker: tuple[str, int], key: str, c
 
     def measure(func: tvm.tirx.PrimFunc) -> float:
         path = work / f"k{next(built)}.so"
-        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+        lib = build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
         lib.export_library(str(path), fcompile=cc.cross_compiler(cross) if cross else None)
         result = runner.run([ms.runner.RunnerInput(str(path), "cpu", ms.arg_info.ArgInfo.from_prim_func(func))])[0].result()
         path.unlink()

@@ -13,22 +13,25 @@ from conftest import linear_past_l2
 
 from ibert_tvm import build, targets
 from ibert_tvm.program import INT8, Linear, dyadic
-from ibert_tvm.relay_ops.linear import linear_kernel, requant_epilogue
-from ibert_tvm.schedules import cpu
+from ibert_tvm.relay_ops.linear import linear_kernel, requant_epilogue, residual_epilogue
+from ibert_tvm.schedules import cpu, stack_buffers
 
 
-def gemm_lib(preset: str, lin: Linear, m: int, epilogue=None, out_dtype: str = "int8"):
+def gemm_lib(preset: str, lin: Linear, m: int, epilogue=None, out_dtype: str = "int8", extra_inputs=()):
     """One linear-layer kernel compiled for a preset, and its constant operands."""
     p = targets.get(preset)
     epilogue = epilogue or requant_epilogue([dyadic(0.01, lin.acc_bound, INT8)])
-    k = linear_kernel("g", lin, m, epilogue, out_dtype, a_shift=p.a_shift)
-    return tvm.compile(build.schedule_module(tvm.IRModule({"g": k.func}), p), targets.tvm_target(p)), k.consts
+    k = linear_kernel("g", lin, m, epilogue, out_dtype, extra_inputs, a_shift=p.a_shift)
+    return p.device_kind.compile(build.schedule_module(tvm.IRModule({"g": k.func}), p), targets.tvm_target(p)), k.consts
 
 
-def gemm_asm(preset: str, m: int = 8, n: int = 64, k: int = 32) -> str:
+def random_linear(n: int, k: int) -> Linear:
     rng = np.random.default_rng(0)
-    lin = Linear(rng.integers(-127, 127, (n, k)).astype(np.int8), rng.integers(-99, 99, n).astype(np.int32))
-    return gemm_lib(preset, lin, m)[0].mod.inspect_source("asm")
+    return Linear(rng.integers(-127, 127, (n, k)).astype(np.int8), rng.integers(-99, 99, n).astype(np.int32))
+
+
+def gemm_asm(preset: str, m: int = 8, n: int = 64, k: int = 32, form: str = "asm") -> str:
+    return gemm_lib(preset, random_linear(n, k), m)[0].mod.inspect_source(form)
 
 
 def test_vnni_target_uses_vpdpbusd():
@@ -41,6 +44,41 @@ def test_amx_target_uses_tiles_where_shapes_fill_them():
     asm = gemm_asm("x86-amx", m=64, n=128, k=256)
     assert "tdpbssd" in asm and "ldtilecfg" in asm and "vpdpbusd" not in asm
     assert "tdpb" not in gemm_asm("x86-amx") and "vpdpbusd" in gemm_asm("x86-amx")
+
+
+@pytest.mark.parametrize("budget", [stack_buffers.STACK_BYTES, 0])
+def test_register_tile_stages_live_on_the_stack(monkeypatch, budget):
+    """The VNNI tiles' staged activations and accumulators are stack buffers (no workspace call,
+    whose pointers crowded the loop nest's registers), within the stack budget, and the kernel
+    stays exact; AMX's accumulator block, stored through its address, stays a 64-byte aligned
+    workspace."""
+    monkeypatch.setattr(stack_buffers, "STACK_BYTES", budget)
+    m, n, k = 16, 64, 96
+    lin = random_linear(n, k)
+    lib, consts = gemm_lib("x86-avx512-vnni", lin, m, lambda acc, j, c, e, i: acc, "int32")
+    assert ("TVMBackendAllocWorkspace" in lib.mod.inspect_source("ll")) == (budget == 0)
+    assert "TVMBackendAllocWorkspace" in gemm_asm("x86-amx", m=64, n=128, k=256, form="ll")
+    if not set(targets.get("x86-avx512-vnni").cpu_flags) <= targets.cpu_flags():
+        pytest.skip("this CPU lacks AVX-512 VNNI")
+    x = np.random.default_rng(2).integers(-128, 128, (m, k)).astype(np.int8)
+    out = tvm.runtime.tensor(np.zeros((m, n), np.int32))
+    lib["g"](tvm.runtime.tensor(x), *(tvm.runtime.tensor(c) for c in consts), out)
+    np.testing.assert_array_equal(out.numpy(), x.astype(np.int64) @ lin.weight.astype(np.int64).T + lin.bias)
+
+
+def test_residual_epilogue_takes_the_high_half_in_two_products():
+    """The residual epilogue's per-channel requantization, the high half of two int32s, is two
+    `vpmuldq` and a permute on the register tiles; where LLVM hoisted the multiplier's sign
+    extension out of a loop over the tile's rows, it widened both operands to 64 bits (`vpmovqd`
+    narrowed the halves back)."""
+    n, k, m = 64, 384, 16
+    lin = random_linear(n, k)
+    rng = np.random.default_rng(4)
+    acc_rq = dyadic(2.0**7 * rng.uniform(0.5, 1.5, n), lin.acc_bound)
+    res_rq = dyadic(2.0**13 * rng.uniform(0.5, 1.5, n), 128)
+    lib, _ = gemm_lib("x86-avx512-vnni", lin, m, residual_epilogue(acc_rq, res_rq), "int32", (((m, n), "int8"),))
+    asm = lib.mod.inspect_source("asm")
+    assert "vpermt2d" in asm and "vpmuldq" in asm and "vpmovqd" not in asm
 
 
 def test_avx2_target_has_no_avx512():

@@ -122,7 +122,7 @@ def test_a_time_budget_records_whole_shapes_largest_first_and_the_next_call_cont
 
 def test_compile_for_host_tunes_what_has_no_record_unless_told_not_to(artifact, tmp_path, capsys, monkeypatch):
     measured = []
-    monkeypatch.setattr(tuning, "local_measure", lambda target: lambda func: measured.append(func) or 1.0)
+    monkeypatch.setattr(tuning, "local_measure", lambda target, build: lambda func: measured.append(func) or 1.0)
     texts = tmp_path / "calib.txt"
     texts.write_text("\n".join(CALIB_TEXTS))
     model = ["--model", str(artifact.checkpoint), "--batch", "2", "--seq-len", "16", "--calib-texts", str(texts)]
@@ -154,7 +154,7 @@ def test_a_failing_tuner_leaves_a_working_artifact_and_the_shapes_it_finished(ar
             raise RuntimeError("the timer broke")
         return 1.0
 
-    monkeypatch.setattr(tuning, "local_measure", lambda target: measure)
+    monkeypatch.setattr(tuning, "local_measure", lambda target, build: measure)
     texts = tmp_path / "calib.txt"
     texts.write_text("\n".join(CALIB_TEXTS))
     argv = ["compile", "--model", str(artifact.checkpoint), "--batch", "2", "--seq-len", "16", "--calib-texts",
