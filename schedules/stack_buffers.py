@@ -33,32 +33,40 @@ def _bytes(dtype: str) -> int:
     return t.bits * t.lanes // 8
 
 
-def _widest_access(func: tirx.PrimFunc) -> dict[tirx.Buffer, int]:
+def _widest_access(func: tirx.PrimFunc) -> dict[tirx.Buffer, int] | None:
     """Per buffer, its widest load or store in bytes; a buffer whose address is taken (by
-    intrinsics such as AMX's tile loads and stores) counts as unboundedly wide."""
+    intrinsics such as AMX's tile loads and stores) counts as unboundedly wide. None where the
+    function takes a pointer this cannot tie to its buffer (`tvm_access_ptr`, which names only
+    the buffer's data variable): then every buffer might be accessed through it."""
     widest: dict[tirx.Buffer, int] = {}
+    untraced = []
 
     def access(buffer: tirx.Buffer, width: int) -> None:
         widest[buffer] = max(widest.get(buffer, 0), width)
 
     def call(c: tvm.ir.Call) -> None:
-        if c.op.name in ("tirx.address_of", "tirx.tvm_access_ptr"):
+        name = getattr(c.op, "name", None)
+        if name == "tirx.address_of":
             for arg in c.args:
                 if isinstance(arg, TensorLoad):
                     access(arg.source, 1 << 62)
+        elif name == "tirx.tvm_access_ptr":
+            untraced.append(c)
 
     tvm_ffi.structural_walk(func.body, [
         (TensorLoad, lambda load: access(load.source, _bytes(str(load.ty)))),
         (tirx.BufferStore, lambda store: access(store.buffer, _bytes(str(store.value.ty)))),
         (tvm.ir.Call, call),
     ])
-    return widest
+    return None if untraced else widest
 
 
 def on_stack(func: tirx.PrimFunc, budget: int) -> tirx.PrimFunc:
     """`func` with each constant-size allocation on the stack whose accesses its alignment
     serves, as many as fit `budget`."""
     widest = _widest_access(func)
+    if widest is None:
+        return func
     left = budget
 
     def place(alloc: tirx.AllocBuffer) -> tirx.AllocBuffer:
